@@ -533,6 +533,64 @@ def ema_update(ema, model, decay=0.9999):
     torch._foreach_lerp_(e, m, 1 - decay)
 
 
+def train_step(model, ema, opt, micro_losses, clip=1.0, ema_decay=0.9999, scaler=None):
+    """One optimiser step: backward through each micro-batch (zero-arg fns returning reg_loss's dict; DDP syncs only on
+    the last), clip the gradient norm, step, update the EMA. Returns the mean of each term as tensors (no host sync)."""
+    opt.zero_grad(set_to_none=True)
+    outs = []
+    for i, micro in enumerate(micro_losses):
+        last = i == len(micro_losses) - 1
+        with nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync():
+            out = micro()
+            loss = out['loss'] / len(micro_losses)
+            (scaler.scale(loss) if scaler else loss).backward()
+        outs.append({k: v.detach() for k, v in out.items()})
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    ema_update(ema, model, ema_decay)
+    return {**{k: sum(o[k] for o in outs) / len(outs) for k in outs[0]}, 'grad_norm': grad_norm}
+
+
+class Run:
+    """A run folder: `log.jsonl` with one line per logged step, checkpoints `NNNNNNN.pt` (atomic, last `keep` kept),
+    and exact resume: weights, EMA, optimiser, scaler, step, every RNG, and whatever `extra` the script adds."""
+    def __init__(self, folder, keep=3):
+        self.folder, self.keep = folder, keep
+        os.makedirs(folder, exist_ok=True)
+
+    def log(self, **record):
+        import json
+        with open(os.path.join(self.folder, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps({k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}) + '\n')
+
+    def save(self, step, model, ema, opt, scaler=None, **extra):
+        state = dict(model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                     config=asdict(unwrap(model).cfg), rng=rng_state(), **extra)
+        if scaler is not None:
+            state['scaler'] = scaler.state_dict()
+        save_checkpoint(os.path.join(self.folder, f'{step:07d}.pt'), state, self.keep)
+
+    def resume(self, model, ema, opt, scaler=None):
+        """Load the latest checkpoint of the folder into the given objects; returns its dict ({} when there is none)."""
+        found = list_checkpoints(self.folder)
+        if not found:
+            return {}
+        state = load_checkpoint(found[-1])
+        load_weights(unwrap(model), state['model'])
+        load_weights(ema, state['ema'])
+        opt.load_state_dict(state['opt'])
+        if scaler is not None and 'scaler' in state:
+            scaler.load_state_dict(state['scaler'])
+        set_rng_state(state['rng'])
+        return state
+
+
 def rng_state():
     state = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available():
