@@ -529,8 +529,8 @@ def list_checkpoints(folder):
 @torch.no_grad()
 def ema_update(ema, model, decay=0.9999):
     """ema <- decay * ema + (1 - decay) * model, every step (the release's EMA)."""
-    e, m = [p for p in ema.parameters() if p.requires_grad], [p for p in unwrap(model).parameters() if p.requires_grad]
-    torch._foreach_lerp_(e, m, 1 - decay)
+    pairs = [(e, m) for e, m in zip(ema.parameters(), unwrap(model).parameters()) if m.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [m for _, m in pairs], 1 - decay)
 
 
 def train_step(model, ema, opt, micro_losses, clip=1.0, ema_decay=0.9999, scaler=None):
