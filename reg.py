@@ -634,3 +634,16 @@ def frechet_distance(a, b):
     root1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T                                   # S_a^1/2
     cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp(min=0).sqrt().sum()           # tr (S_a^1/2 S_b S_a^1/2)^1/2
     return float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def encoder_stats(encoder, batches, cache=None):
+    """Mean and covariance of a frozen encoder's class token over image batches (uint8 or [-1, 1]); with dinov2-l this
+    is FD_DINOv2's feature space (Stein et al. 2023). Cached to the file `cache` when given."""
+    if cache and os.path.isfile(cache):
+        return tuple(torch.load(cache, weights_only=True))
+    feats = torch.cat([encoder(b.to(encoder.mean.device))[0].cpu() for b in batches])     # (N, E)
+    stats = feature_stats(feats)
+    if cache:
+        save_checkpoint(cache, list(stats))
+    return stats
