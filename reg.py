@@ -35,6 +35,16 @@ def modulate(h, shift, scale):
     return h * (1 + scale) + shift
 
 
+def patchify(x, p):
+    """(B, C, H, W) -> (B, T, p*p*C), each token laid out (row in patch, column in patch, channel), channel fastest."""
+    return rearrange(x, 'b c (h p) (w q) -> b (h w) (p q c)', p=p, q=p)
+
+
+def unpatchify(x, p, grid):
+    """(B, T, p*p*C) -> (B, C, H, W), the inverse of patchify."""
+    return rearrange(x, 'b (h w) (p q c) -> b c (h p) (w q)', h=grid, p=p, q=p)
+
+
 def sincos_pos_embed(dim, grid):
     """Fixed 2D sin-cos positions (MAE recipe): first half of the channels encodes the column, second half the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))       # (D/4,)
@@ -230,8 +240,7 @@ class SiT(nn.Module):
             if cfg.repa and self.training and i + 1 == cfg.encoder_depth:                 # [REPA]
                 z_proj = self.projector(h)                                                # [REPA] (B, N, E)
         h = self.final_layer(h, c)                                                        # (B, N, D)
-        v = self.final_layer.linear(h[:, self.extra:])                                    # (B, T, p*p*C)
-        v = rearrange(v, 'b (h w) (p q c) -> b c (h p) (w q)', h=self.grid, p=cfg.patch_size, q=cfg.patch_size)  # (B, C, H, W)
+        v = unpatchify(self.final_layer.linear(h[:, self.extra:]), cfg.patch_size, self.grid)  # (B, C, H, W)
         v_cls = self.final_layer.linear_cls(h[:, 0]) if self.entangled else None          # [REG] (B, E)
         return v, v_cls, z_proj
 
@@ -488,8 +497,8 @@ def load_weights(model, sd):
             f"\n  {what} ({len(ks)}): {', '.join(ks[:6])}{' ...' if len(ks) > 6 else ''}" for what, ks in
             (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if ks)
             + f"\nA config that fits the checkpoint: {fit}")
-    model.load_state_dict(sd, strict=True)
-    return model
+    model.load_state_dict(sd, strict=True, assign=next(model.parameters()).is_meta)   # a model built on 'meta' takes
+    return model                                                                          # the tensors without a copy
 
 
 def load_checkpoint(path):

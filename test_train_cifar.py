@@ -1,0 +1,128 @@
+"""Tests of train_cifar.py on a tiny generated ImageFolder with randomly initialised real timm encoders (CPU, offline)."""
+import json
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reg
+import train_cifar
+
+torch.set_num_threads(1)    # tiny matmuls: a second thread only adds sync overhead (70x slower on a 2-core VM)
+ENC = ['--encoder', 'vit_small_patch14_dinov2.lvd142m', '--encoder-weights', 'random']
+
+
+def make_folder(root, size=8, classes=3, per_class=4, odd=None):
+    """classes x per_class random PNGs of size x size; `odd` = (class, index, size) makes one image another size."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(root / f'class{c}', exist_ok=True)
+        for i in range(per_class):
+            s = odd[2] if odd and (c, i) == odd[:2] else size
+            Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)).save(root / f'class{c}' / f'{i}.png')
+    return root
+
+
+def args(data, out, *extra, enc=ENC):
+    base = ['--data-dir', str(data), '--out', str(out), '--model', 'SiT-Ti/2', '--projector-dim', '64',
+            '--batch-size', '4', '--log-every', '1', '--sample-every', '0', '--ckpt-every', '1000', '--device', 'cpu']
+    return train_cifar.parse_args(base + enc + list(extra))
+
+
+def log(out):
+    return [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp('data'))
+
+
+def test_trains_and_writes_checkpoint_samples_log(data, tmp_path):
+    out = tmp_path / 'run'
+    train_cifar.main(args(data, out, '--steps', '4', '--sample-every', '4', '--sample-steps', '2', '--sample-cols', '2'))
+    recs = log(out)
+    assert [r['step'] for r in recs] == [1, 2, 3, 4]
+    assert all(np.isfinite(r['loss']) and r['token'] > 0 and r['align'] != 0 for r in recs)  # all three REG terms live
+    ckpt = reg.load_checkpoint(str(out / '0000004.pt'))
+    assert ckpt['step'] == 4 and ckpt['config']['num_classes'] == 3 and ckpt['config']['input_size'] == 8
+    assert ckpt['config']['encoder_dim'] == 384 and ckpt['args']['method'] == 'reg'
+    img = Image.open(out / 'samples_0000004.png')
+    assert img.size[1] > img.size[0]                      # 3 rows (classes) x 2 columns of 8x8 samples plus padding
+    with pytest.raises(SystemExit, match='--resume'):     # never overwrite a run that holds checkpoints
+        train_cifar.main(args(data, out, '--steps', '4'))
+    with pytest.raises(SystemExit, match='--method'):     # resume under another method names the difference
+        train_cifar.main(args(data, out, '--steps', '6', '--method', 'repa', '--resume'))
+
+
+def test_resume_reproduces_uninterrupted_run(data, tmp_path):
+    a, b = tmp_path / 'a', tmp_path / 'b'               # 12 images, batch 4: 3 steps an epoch, resume mid-epoch 1
+    train_cifar.main(args(data, a, '--steps', '5'))
+    train_cifar.main(args(data, b, '--steps', '2'))
+    train_cifar.main(args(data, b, '--steps', '5', '--resume'))
+    assert log(a) == [{**r, 'img_per_s': log(a)[i]['img_per_s']} for i, r in enumerate(log(b))]
+    sa, sb = reg.load_checkpoint(str(a / '0000005.pt')), reg.load_checkpoint(str(b / '0000005.pt'))
+    for part in ('model', 'ema'):
+        assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part])
+    assert torch.equal(sa['rng']['torch'], sb['rng']['torch'])
+
+
+def test_feature_cache_matches_live_encoder(data, tmp_path):
+    live, cached = tmp_path / 'live', tmp_path / 'cached'
+    train_cifar.main(args(data, live, '--steps', '4'))
+    train_cifar.main(args(data, cached, '--steps', '4', '--cache-features', '--cache-dir', str(tmp_path)))
+    assert len(list(tmp_path.glob('feats-*.npy'))) == 1
+    for r, s in zip(log(live), log(cached)):           # steps 2-4 use other images and flips than step 1
+        for k in ('loss', 'denoise', 'token', 'align'):
+            assert r[k] == pytest.approx(s[k], rel=2e-3, abs=1e-4), (r['step'], k)
+
+
+def test_sit_needs_no_encoder_and_bench_reports(data, tmp_path):
+    res = train_cifar.main(train_cifar.parse_args(['--data-dir', str(data), '--model', 'SiT-Ti/2', '--method', 'sit',
+                                                   '--encoder', 'no-such-encoder', '--batch-size', '4', '--bench', '2',
+                                                   '--device', 'cpu']))
+    assert res['img_per_s'] > 0 and res['ms_fwd_bwd'] > 0 and res['tflops'] > 0
+
+
+@pytest.mark.parametrize('method', ['sit', 'reg'])
+def test_flop_count_matches_torch_flop_counter(method):
+    from torch.utils.flop_counter import FlopCounterMode
+    model = reg.make_model('SiT-Ti/2', method, input_size=16, in_channels=3, num_classes=10, encoder_dim=96)
+    x, t, y, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 96)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y, c if model.entangled else None)
+    attention = model.cfg.depth * 4 * (64 + model.extra) ** 2 * 128     # QK^T and AV: CPU SDPA is not counted by torch
+    assert train_cifar.sit_flops(model.cfg, model.extra) - attention == pytest.approx(counter.get_total_flops() / 2, rel=1e-3)
+
+
+def test_fd_evaluation_and_npz(data, tmp_path):
+    out = tmp_path / 'run'
+    train_cifar.main(args(data, out, '--steps', '2', '--eval-every', '2', '--eval-n', '6', '--sample-steps', '2',
+                          '--eval-encoder', 'tf_efficientnet_lite0', '--eval-encoder-weights', 'random',
+                          '--cache-dir', str(tmp_path), '--save-npz'))
+    fd = [r['fd'] for r in log(out) if 'fd' in r]
+    assert len(fd) == 1 and np.isfinite(fd[0]) and fd[0] > 0
+    assert np.load(out / 'samples_0000002.npz')['arr_0'].shape == (6, 8, 8, 3)
+    assert len(list(tmp_path.glob('stats-*.pt'))) == 1
+
+
+def test_bad_input_gives_clear_errors(data, tmp_path):
+    out = tmp_path / 'run'
+    train_cifar.main(args(data, out, '--steps', '1'))
+    (out / '0000001.pt').write_bytes(b'garbage' * 10)
+    with pytest.raises(SystemExit, match='corrupt'):
+        train_cifar.main(args(data, out, '--steps', '2', '--resume'))
+    mixed = make_folder(tmp_path / 'mixed', odd=(1, 2, 16))
+    with pytest.raises(SystemExit, match='differ in size.*16x16'):
+        train_cifar.main(args(mixed, tmp_path / 'r2', '--steps', '1'))
+    odd = make_folder(tmp_path / 'odd', size=9)
+    with pytest.raises(SystemExit, match='not a multiple of patch_size'):
+        train_cifar.main(args(odd, tmp_path / 'r3', '--steps', '1'))
+    with pytest.raises(SystemExit, match='--encoder-weights'):            # offline hub -> names the fix
+        train_cifar.main(args(data, tmp_path / 'r4', '--steps', '1', enc=['--encoder', 'dinov2-s']))
+    with pytest.raises(SystemExit, match='ImageFolder'):                 # no data, no network: says what to put there
+        train_cifar.main(args(tmp_path / 'nothing', tmp_path / 'r5', '--steps', '1'))

@@ -1,0 +1,146 @@
+"""Tests of train_imagenet.py on CPU, offline: a generated ImageFolder, a tiny random SD-VAE-layout AutoencoderKL,
+SiT-Ti/2 on 4x4 latents (32 px images) and a random DINOv2-S at 28 px (grid 2)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')                       # never wait for the hub
+diffusers = pytest.importorskip('diffusers')
+import reg                                                          # noqa: E402
+import train_imagenet as ti                                         # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--preset', 'SiT-Ti/2', '--encoder', 'vit_small_patch14_dinov2.lvd142m', '--encoder-weights', 'random',
+        '--device', 'cpu', '--global-batch', '8', '--micro-batch', '2', '--sample-every', '0']
+
+
+def prepare(root, out, *extra):
+    return ti.main(['prepare', '--data', str(root / 'images'), '--out', str(out), '--resolution', '32', '--vae',
+                    str(root / 'vae'), '--shard-size', '5', '--workers', '0', '--batch-size', '3', *extra])
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('imagenet')
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / 'images' / f'n0{c}')
+        for i in range(4):
+            w, h = (80, 64) if (c, i) == (0, 0) else (48, 40)      # the first image takes ADM's BOX-halving branch
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / 'images' / f'n0{c}' / f'{i}.png')
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+                            block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
+                            norm_num_groups=4).save_pretrained(root / 'vae')
+    prepare(root, root / 'prep')
+    return root
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_prepare_writes_crops_and_posteriors(root):
+    meta = json.load(open(root / 'prep' / 'manifest.json'))
+    assert meta['complete'] and meta['counts'] == [5, 5, 2] and meta['classes'] == ['n00', 'n01', 'n02']
+    shard = load(root / 'prep' / 'shard_00000.pt')
+    assert shard['images'].shape == (5, 3, 32, 32) and shard['images'].dtype == torch.uint8
+    assert shard['mean'].shape == shard['std'].shape == (5, 4, 4, 4) and shard['mean'].dtype == torch.float16
+    assert shard['labels'].tolist() == [0, 0, 0, 0, 1]
+    # 80x64 -> BOX halving to 40x32 (short side 64 >= 2 x 32) -> bicubic to the same size -> centre columns 4..35
+    with Image.open(root / 'images' / 'n00' / '0.png') as im:
+        want = np.asarray(im.convert('RGB').resize((40, 32), Image.BOX))[:, 4:36]
+    assert np.array_equal(shard['images'][0].permute(1, 2, 0).numpy(), want)
+    vae = ti.load_vae(str(root / 'vae'), 'cpu')
+    with torch.no_grad():
+        post = vae.encode(shard['images'].float() / 127.5 - 1).latent_dist
+    assert torch.allclose(shard['mean'].float(), post.mean, atol=2e-3) and torch.allclose(shard['std'].float(), post.std, rtol=2e-3)
+
+
+def test_interrupted_preparation_is_refused_then_resumed(root, tmp_path):
+    prep = tmp_path / 'prep'
+    shutil.copytree(root / 'prep', prep)
+    last = load(prep / 'shard_00002.pt')
+    os.remove(prep / 'shard_00002.pt')
+    with pytest.raises(SystemExit, match='incomplete'):
+        ti.main(['train', '--data', str(prep), '--out', str(tmp_path / 'run'), *TINY])
+    before = [os.stat(prep / f'shard_0000{i}.pt').st_mtime_ns for i in range(2)]
+    prepare(root, prep)
+    assert [os.stat(prep / f'shard_0000{i}.pt').st_mtime_ns for i in range(2)] == before    # finished shards skipped
+    again = load(prep / 'shard_00002.pt')
+    assert all(torch.equal(last[k], again[k]) for k in last)
+    assert json.load(open(prep / 'manifest.json'))['done'] == [0, 1, 2]
+
+
+def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
+    os.makedirs(tmp_path / 'flat')
+    with pytest.raises(SystemExit, match='not an ImageFolder'):
+        ti.main(['prepare', '--data', str(tmp_path / 'flat'), '--out', str(tmp_path / 'p0')])
+    shutil.copytree(root / 'images', tmp_path / 'small')
+    Image.new('RGB', (20, 30)).save(tmp_path / 'small' / 'n01' / 'tiny.png')
+    with pytest.raises(SystemExit, match=r'tiny\.png is 20x30.*--upscale'):
+        ti.main(['prepare', '--data', str(tmp_path / 'small'), '--out', str(tmp_path / 'p1'), '--resolution', '32',
+                 '--vae', str(root / 'vae'), '--workers', '0'])
+    with pytest.raises(SystemExit, match='--vae'):
+        ti.main(['prepare', '--data', str(root / 'images'), '--out', str(tmp_path / 'p2'), '--vae', str(tmp_path / 'none')])
+    with pytest.raises(SystemExit, match='--encoder-weights'):                            # DINOv2 offline, no file
+        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path / 'r'), *TINY[:2], '--device', 'cpu', '--global-batch', '8'])
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    with pytest.raises(SystemExit, match='not a multiple'):
+        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path / 'r'), *TINY])
+
+
+def weights(folder, step):
+    state = load(os.path.join(folder, f'{step:07d}.pt'))
+    return state['model'], state['ema']
+
+
+def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
+    one = str(tmp_path / 'one')
+    args = ['train', '--data', str(root / 'prep'), *TINY, '--steps', '3', '--log-every', '1']
+    ti.main([*args, '--out', one, '--sample-every', '3', '--sample-steps', '2', '--vae', str(root / 'vae')])
+    assert os.path.isfile(os.path.join(one, 'samples', '0000003.png'))
+    assert [json.loads(l)['step'] for l in open(os.path.join(one, 'log.jsonl'))] == [1, 2, 3]
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
+    two = str(tmp_path / 'two')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                           str(port), os.path.join(HERE, 'train_imagenet.py'), *args, '--out', two],
+                          env=env, cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (m1, e1), (m2, e2) = weights(one, 3), weights(two, 3)
+    init = reg.make_model('SiT-Ti/2', input_size=4, num_classes=3, encoder_dim=384).state_dict()
+    assert any(not torch.allclose(m1[k], init[k]) for k in m1)                            # it did train
+    for a, b in ((m1, m2), (e1, e2)):
+        assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), 'DDP run differs from the one-process run'
+    part = str(tmp_path / 'part')
+    ti.main([*args[:-4], '--steps', '2', '--out', part])
+    ti.main([*args[:-4], '--steps', '3', '--out', part, '--resume'])
+    m3, e3 = weights(part, 3)
+    assert all(torch.equal(m1[k], m3[k]) and torch.equal(e1[k], e3[k]) for k in m1), 'resume is not exact'
+
+
+def test_nonfinite_loss_stops_without_saving_it(root, tmp_path):
+    with pytest.raises(SystemExit, match='non-finite'):
+        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path), *TINY, '--steps', '5', '--lr', '1e30',
+                 '--log-every', '1', '--ckpt-every', '1'])
+    for path in reg.list_checkpoints(str(tmp_path)):
+        assert all(torch.isfinite(v).all() for v in load(path)['model'].values())
+
+
+def test_bench_reports_speed_and_flops(tmp_path):
+    r = ti.main(['train', '--synthetic', '--bench', '2', '--resolution', '32', *TINY[:-4], '--global-batch', '4'])
+    assert r['images_per_s'] > 0 and min(r['encoder_ms'], r['fwd_bwd_ms'], r['optimizer_ms']) > 0
+    assert r['step_ms'] == pytest.approx(r['encoder_ms'] + r['fwd_bwd_ms'] + r['optimizer_ms'])
+    xl = reg.SiTConfig(**{**reg.PRESETS['SiT-XL/2'], **reg.METHODS['sit']})
+    assert ti.sit_flops(xl) / 3 / 2 / 1e9 == pytest.approx(118.6, abs=0.5)                 # DiT-XL/2: 118.6 GFLOPs (MACs)
