@@ -8,7 +8,7 @@ Papers:  REG   Wu et al., NeurIPS 2025          https://arxiv.org/abs/2507.01467
 
 A SiT transformer predicts the velocity of a noised image x_t. REPA aligns the hidden states of an early block with the
 patch features z of a frozen DINOv2. REG prepends ONE token to the patch tokens: the DINOv2 class token c of the same
-image, noised with the same t, and predicts its velocity too (REG Sec. 3.2-3.3, Eq. 6-9):
+image, noised with the same t, and predicts its velocity too (REG Sec. 3):
 
     L = |v_hat - v|^2  +  beta * |v_c_hat - v_c|^2  +  lambda * mean_n -cos(h_phi(h_n), z_n)     (n over all 1+T tokens)
 
@@ -19,6 +19,7 @@ Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what RE
 import math
 import os
 import random
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
@@ -27,9 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 1. Building blocks (SiT Sec. 3 / DiT Sec. 3.2)
-# ----------------------------------------------------------------------------------------------------------------------
+# 1. Building blocks (SiT Sec. 3 / DiT Sec. 3.2) -----------------------------------------------------------------------
 
 def modulate(h, shift, scale):
     return h * (1 + scale) + shift
@@ -95,15 +94,6 @@ class Attention(nn.Module):
         return self.proj(rearrange(h, 'b k n d -> b n (k d)'))                            # (B, N, D)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, dim)
-
-    def forward(self, h):
-        return self.fc2(self.act(self.fc1(h)))
-
-
 class SiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the conditioning c (adaLN-Zero, DiT Sec. 3.2)."""
     def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=False):
@@ -111,7 +101,9 @@ class SiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(approximate='tanh'),
+                                             fc2=nn.Linear(hidden, dim)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, h, c):                                                              # h (B, N, D), c (B, D)
@@ -133,11 +125,9 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)                 # 2 x (B, 1, D)
         return modulate(self.norm_final(h), shift, scale)                                 # (B, N, D)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 2. The model: SiT + REPA projector + REG token (REG Sec. 3.2, Fig. 2)
-# ----------------------------------------------------------------------------------------------------------------------
+# 2. The model: SiT + REPA projector + REG token (REG Sec. 3) ----------------------------------------------------------
 
-METHODS = {  # name -> switches of one model and one loss (REG Sec. 4.3 ablations)
+METHODS = {  # name -> switches of one model and one loss (REG Sec. 4 ablations)
     'sit':         dict(repa=False, token='none'),     # plain SiT
     'repa':        dict(repa=True, token='none'),      # SiT + REPA
     'reg':         dict(repa=True, token='cls'),       # SiT + REPA + REG (the paper's method)
@@ -244,9 +234,7 @@ class SiT(nn.Module):
         v_cls = self.final_layer.linear_cls(h[:, 0]) if self.entangled else None          # [REG] (B, E)
         return v, v_cls, z_proj
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 3. Frozen encoder (REPA Sec. 3.3): class token and patch tokens on the SiT token grid
-# ----------------------------------------------------------------------------------------------------------------------
+# 3. Frozen encoder (REPA Sec. 3): class token and patch tokens on the SiT token grid ----------------------------------
 
 ENCODERS = {f'dinov2-{s}{r}': f'vit_{n}_patch14{r.replace("-", "_") + "4" if r else ""}_dinov2.lvd142m'
             for s, n in dict(s='small', b='base', l='large', g='giant').items() for r in ('', '-reg')}
@@ -258,22 +246,20 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         self.net, self.grid = net.eval().requires_grad_(False), grid
         self.vit = hasattr(net, 'patch_embed')
-        pcfg = net.pretrained_cfg
-        self.register_buffer('mean', torch.tensor(pcfg['mean']).view(1, 3, 1, 1), persistent=False)
+        pcfg, self.dim = net.pretrained_cfg, net.num_features
+        self.register_buffer('mean', torch.tensor(pcfg['mean']).view(1, 3, 1, 1), persistent=False)  # as it was trained
         self.register_buffer('std', torch.tensor(pcfg['std']).view(1, 3, 1, 1), persistent=False)
-        if self.vit:                                                                      # resize so the patch grid = SiT grid
-            self.size = grid * net.patch_embed.patch_size[0]
+        # a ViT sees images resized so that its patch grid is the SiT grid; a CNN its own size, its map resampled
+        self.size = grid * net.patch_embed.patch_size[0] if self.vit else pcfg['input_size'][-1]
+        if self.vit:
             net.set_input_size(img_size=(self.size, self.size))
-        else:                                                                             # CNN: its own size, map resampled
-            self.size = pcfg['input_size'][-1]
-        self.dim = net.num_features
 
     @torch.no_grad()
     def forward(self, images):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"the encoder takes RGB images (B, 3, H, W), got {tuple(images.shape)}")
         x = images.float() / 255 if images.dtype == torch.uint8 else (images.float() + 1) / 2        # (B, 3, H, W) in [0, 1]
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+        if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode='bicubic', align_corners=False)
         x = (x - self.mean) / self.std
         f = self.net.forward_features(x)
@@ -305,9 +291,7 @@ def load_encoder(name='dinov2-b', grid=16, weights=None, device='cpu'):
                            f"as --encoder-weights (load_encoder(weights=...)).") from None
     return FrozenEncoder(net, grid).to(device)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 4. Interpolant (SiT Sec. 2, REPA Eq. 1): x_t = alpha_t x + sigma_t eps, the same t for image and token
-# ----------------------------------------------------------------------------------------------------------------------
+# 4. Interpolant (SiT Sec. 2): x_t = alpha_t x + sigma_t eps, the same t for image and token ---------------------------
 
 def interpolant(t, path='linear'):
     """t = 0 data, t = 1 noise -> (alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt)."""
@@ -328,9 +312,7 @@ def sample_time(n, weighting='uniform', path='linear', device='cpu'):
         return s / (1 + s) if path == 'linear' else 2 / math.pi * torch.atan(s)
     raise ValueError(f"unknown time weighting {weighting!r}: use 'uniform' or 'lognormal'")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 5. Joint loss (REG Eq. 9): velocity of the image + beta x velocity of the token + lambda x alignment
-# ----------------------------------------------------------------------------------------------------------------------
+# 5. Joint loss (REG Sec. 3): velocity of the image + beta x velocity of the token + lambda x alignment ----------------
 
 def unwrap(model):
     """The SiT inside a DDP or torch.compile wrapper."""
@@ -372,33 +354,26 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path='linear', weighti
         align = -(F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()  # [REPA]
     return dict(loss=denoise + beta * token + lam * align, denoise=denoise, token=token, align=align)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 6. Samplers (SiT Sec. 2.3; REG Sec. 3.4): one loop moves the pair (image, token) from t = 1 to t = 0
-# ----------------------------------------------------------------------------------------------------------------------
+# 6. Samplers (SiT Sec. 2; REG Sec. 3): one loop moves the pair (image, token) from t = 1 to t = 0 ---------------------
 
-def guided_drift(model, x, c, t, y, null_label, cfg_scale, cls_cfg_scale, guide, sde, path, dtype):
-    """One network evaluation at time t: the drift of (image, token); CFG with labels y and null, same x and token."""
-    B = x.shape[0]
+def guided_drift(model, pair, t, y, null_label, scales, guide, sde, path, dtype):
+    """One network evaluation at time t -> the drifts of the pair (image, token). With `guide` the batch runs twice
+    (labels y and the null label, same image and token) and a drift becomes uncond + scale (cond - uncond)."""
     if guide:
-        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])          # (2B, C, H, W), (2B,)
-        c = torch.cat([c, c]) if c is not None else None                                  # [REG] (2B, E)
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float64)
-    v, v_c = model(x.to(dtype), tt.to(dtype), y, None if c is None else c.to(dtype))[:2]
-    drifts = [v.to(x.dtype), None if v_c is None else v_c.to(x.dtype)]                    # [REG] the pair
-    states = [x, c]
-    for i, (d, s) in enumerate(zip(drifts, states)):
-        if d is None:
-            continue
-        if sde:                                                                            # drift = v - (w/2) score, w = 2t
-            alpha, sigma, d_alpha, d_sigma = [a.view(-1, *[1] * (s.dim() - 1)) for a in interpolant(tt.to(s.dtype), path)]
-            ratio = alpha / d_alpha
-            score = (ratio * d - s) / (sigma ** 2 - ratio * d_sigma * sigma)
-            d = d - t * score
-        if guide:
+        pair = [None if s is None else torch.cat([s, s]) for s in pair]                   # [REG] the token too: (2B, ...)
+        y = torch.cat([y, torch.full_like(y, null_label)])                                # (2B,)
+    tt = torch.full((len(y),), t, dtype=torch.float64, device=y.device)
+    out = model(pair[0].to(dtype), tt.to(dtype), y, None if pair[1] is None else pair[1].to(dtype))[:2]
+    drifts = []
+    for i, (s, v, scale) in enumerate(zip(pair, out, scales)):                           # i = 0 image, 1 token
+        d = None if s is None else v.to(s.dtype)
+        if d is not None and sde:                                                         # d = v - (w_t / 2) score, w_t = 2t
+            alpha, sigma, d_alpha, d_sigma = (a.view(-1, *[1] * (s.dim() - 1)) for a in interpolant(tt.to(s.dtype), path))
+            d = d - t * (alpha / d_alpha * d - s) / (sigma ** 2 - alpha / d_alpha * d_sigma * sigma)  # score from v
+        if d is not None and guide:
             cond, uncond = d.chunk(2)
-            scale = cfg_scale if i == 0 else cls_cfg_scale                                # [REG] the token's own scale
-            d = uncond + scale * (cond - uncond) if scale > 0 else cond
-        drifts[i] = d
+            d = cond if i == 1 and scale <= 0 else uncond + scale * (cond - uncond)       # [REG] token: own scale
+        drifts.append(d)
     return drifts
 
 
@@ -419,24 +394,22 @@ def sample(model, x, y, cls=None, steps=250, mode='sde', cfg_scale=1.0, cls_cfg_
     else:
         ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     pair = [x.to(state_dtype), None if cls is None else cls.to(state_dtype)]              # [REG] (image, token)
+    step = lambda a, b, h: [None if u is None else u + h * du for u, du in zip(a, b)]     # a + h * b, pairwise
     for i, (t, t_next) in enumerate(zip(ts[:-1].tolist(), ts[1:].tolist())):
         dt, last = t_next - t, i == len(ts) - 2
         guide = cfg_scale != 1.0 and interval[0] <= t <= interval[1]
-        drift = lambda p, tau: guided_drift(model, p[0], p[1], tau, y, null_label, cfg_scale, cls_cfg_scale,
-                                            guide, mode == 'sde', path, dtype)
+        drift = lambda p, tau: guided_drift(model, p, tau, y, null_label, (cfg_scale, cls_cfg_scale), guide,
+                                            mode == 'sde', path, dtype)
         d = drift(pair, t)
-        new = [None if s is None else s + dt * ds for s, ds in zip(pair, d)]
-        if mode == 'sde' and not last:                                                    # noise sqrt(w |dt|), w = 2t
-            new = [None if s is None else s + math.sqrt(2 * t * abs(dt)) * torch.randn_like(s) for s in new]
-        if mode == 'heun' and not last:
-            d2 = drift(new, t_next)
-            new = [None if s is None else s + dt * (a + b) / 2 for s, a, b in zip(pair, d, d2)]
+        new = step(pair, d, dt)
+        if mode == 'sde' and not last:                                                    # + sqrt(w_t |dt|) n, w_t = 2t
+            new = step(new, [None if u is None else torch.randn_like(u) for u in new], math.sqrt(2 * t * abs(dt)))
+        if mode == 'heun' and not last:                                                   # average with the slope at t_next
+            new = step(pair, [None if a is None else (a + b) / 2 for a, b in zip(d, drift(new, t_next))], dt)
         pair = new
     return pair[0].to(dtype), None if pair[1] is None else pair[1].to(dtype)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 7. Presets and checkpoints (the official release's layout, and our own weights_only files)
-# ----------------------------------------------------------------------------------------------------------------------
+# 7. Presets and checkpoints (the official release's layout, and our own weights_only files) ---------------------------
 
 SIZES = dict(Ti=(4, 128, 2), S=(12, 384, 6), B=(12, 768, 12), L=(24, 1024, 16), XL=(28, 1152, 16))  # depth, D, heads
 PRESETS = {f'SiT-{s}/{p}': dict(depth=d, hidden_size=w, num_heads=h, patch_size=p,
@@ -446,10 +419,9 @@ PRESETS = {f'SiT-{s}/{p}': dict(depth=d, hidden_size=w, num_heads=h, patch_size=
 
 def make_model(preset='SiT-XL/2', method='reg', **overrides):
     """A model from a preset name ('SiT-B/2', ..., 'SiT-Ti/2' tiny) and a method name of METHODS."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    for kind, name, table in (('preset', preset, PRESETS), ('method', method, METHODS)):
+        if name not in table:
+            raise ValueError(f"unknown {kind} {name!r}: choose one of {', '.join(table)}")
     return SiT(SiTConfig(**{**PRESETS[preset], **METHODS[method], **overrides}))
 
 
@@ -516,24 +488,20 @@ def load_checkpoint(path):
 
 def save_checkpoint(path, state, keep=None):
     """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint. Keeps the last `keep`."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    folder = os.path.dirname(path) or '.'
+    os.makedirs(folder, exist_ok=True)
     torch.save(state, path + '.tmp')
     os.replace(path + '.tmp', path)
-    if keep:
-        folder = os.path.dirname(path) or '.'
-        for old in list_checkpoints(folder)[:-keep]:
-            os.remove(old)
+    for old in list_checkpoints(folder)[:-keep] if keep else []:
+        os.remove(old)
 
 
 def list_checkpoints(folder):
     """Our checkpoints in a run folder (named by step, zero-padded), oldest first."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.pt') and f[:-3].isdigit())
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(os.path.join(folder, f) for f in names if f.endswith('.pt') and f[:-3].isdigit())
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 8. Pieces both training scripts share
-# ----------------------------------------------------------------------------------------------------------------------
+# 8. Pieces both training scripts share --------------------------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(ema, model, decay=0.9999):
@@ -545,6 +513,7 @@ def ema_update(ema, model, decay=0.9999):
 def train_step(model, ema, opt, micro_losses, clip=1.0, ema_decay=0.9999, scaler=None):
     """One optimiser step: backward through each micro-batch (zero-arg fns returning reg_loss's dict; DDP syncs only on
     the last), clip the gradient norm, step, update the EMA. Returns the mean of each term as tensors (no host sync)."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)                               # fp16 only; else a no-op
     opt.zero_grad(set_to_none=True)
     outs = []
     for i, micro in enumerate(micro_losses):
@@ -552,16 +521,12 @@ def train_step(model, ema, opt, micro_losses, clip=1.0, ema_decay=0.9999, scaler
         with nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync():
             out = micro()
             loss = out['loss'] / len(micro_losses)
-            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.scale(loss).backward()
         outs.append({k: v.detach() for k, v in out.items()})
-    if scaler:
-        scaler.unscale_(opt)
+    scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    if scaler:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
+    scaler.step(opt)
+    scaler.update()
     ema_update(ema, model, ema_decay)
     return {**{k: sum(o[k] for o in outs) / len(outs) for k in outs[0]}, 'grad_norm': grad_norm}
 
@@ -580,9 +545,7 @@ class Run:
 
     def save(self, step, model, ema, opt, scaler=None, **extra):
         state = dict(model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                     config=asdict(unwrap(model).cfg), rng=rng_state(), **extra)
-        if scaler is not None:
-            state['scaler'] = scaler.state_dict()
+                     config=asdict(unwrap(model).cfg), rng=rng_state(), scaler=scaler and scaler.state_dict(), **extra)
         save_checkpoint(os.path.join(self.folder, f'{step:07d}.pt'), state, self.keep)
 
     def resume(self, model, ema, opt, scaler=None):
@@ -594,33 +557,28 @@ class Run:
         load_weights(unwrap(model), state['model'])
         load_weights(ema, state['ema'])
         opt.load_state_dict(state['opt'])
-        if scaler is not None and 'scaler' in state:
+        if scaler is not None and state.get('scaler'):
             scaler.load_state_dict(state['scaler'])
         set_rng_state(state['rng'])
         return state
 
 
 def rng_state():
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), cuda=cuda)
 
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
+    if state.get('cuda') and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def pick_device(name=None):
     """--device default: cuda, then mps, then cpu."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+    mps = torch.backends.mps.is_available()
+    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'))
 
 
 def autocast(device, precision='bf16'):
@@ -632,8 +590,7 @@ def autocast(device, precision='bf16'):
 
 def feature_stats(feats):
     """(N, F) features -> (mean, covariance) in float64, for the Frechet distance."""
-    f = feats.double()
-    return f.mean(0), torch.cov(f.T)
+    return feats.double().mean(0), torch.cov(feats.double().T)
 
 
 def frechet_distance(a, b):

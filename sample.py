@@ -1,6 +1,6 @@
 """
 Sample a REG / SiT checkpoint (ours or the official release) into a PNG grid, PNGs or an .npz for the ADM evaluator;
-score FD_DINOv2 and REG's token consistency; or time the sampler.
+score FD_DINOv2 and REG's token consistency; time the sampler.
 
   python sample.py runs/cifar/0050000.pt                              # grid, a row per class, SDE 250 steps, no CFG
   python sample.py SiT-XL-2-REG.pt --paper --npz --vae sd-vae-ft-ema  # the paper's CFG setting, 50K samples for FID
@@ -8,9 +8,9 @@ score FD_DINOv2 and REG's token consistency; or time the sampler.
   python sample.py last.pt --npz --num-samples 10000 --fd-ref cifar10-train --encoder dinov2-b
   python sample.py last.pt --bench 5 --steps 50                       # samples/s and network evaluations/s
 
-Sample i starts from noise (image and token) that depends only on (--seed, i): batch size, shards, resumes and GPU count
-leave ODE/Heun samples unchanged. The SDE's own noise is seeded per batch from (--seed, first index), so SDE samples
-repeat for the same --batch-size and kind of device. An interrupted --npz run resumes when the command is run again.
+Sample i starts from noise (image and token) that depends only on (--seed, i): batch size, shards, resumes and GPU
+count leave ODE/Heun samples unchanged. The SDE's own noise is seeded per batch from (--seed, first index), so SDE
+samples repeat for the same --batch-size and kind of device. Rerun an interrupted --npz command to resume it.
 """
 import argparse, atexit, hashlib, json, os, time
 from pathlib import Path
@@ -45,11 +45,10 @@ def load_vae(path_or_name='stabilityai/sd-vae-ft-ema', device='cpu'):
     """The SD-VAE (diffusers AutoencoderKL) from a local folder, a weights file inside one, or the hub."""
     try:
         from diffusers import AutoencoderKL
-    except ImportError:
-        raise SystemExit("sample.py: latent models decode through the SD-VAE, which needs diffusers: pip install diffusers")
-    try:
         folder = os.path.dirname(path_or_name) if os.path.isfile(path_or_name) else path_or_name
         return AutoencoderKL.from_pretrained(folder).to(device).eval().requires_grad_(False)
+    except ImportError:
+        raise SystemExit("sample.py: latent models decode through the SD-VAE, which needs diffusers: pip install diffusers")
     except Exception as e:
         raise SystemExit(f"sample.py: cannot load the VAE {path_or_name!r} ({type(e).__name__}: {str(e)[:150]}). Offline? "
                          "Download config.json and diffusion_pytorch_model.safetensors of https://huggingface.co/"
@@ -57,7 +56,7 @@ def load_vae(path_or_name='stabilityai/sd-vae-ft-ema', device='cpu'):
 
 
 def load_model(args):
-    """Ours (config stored), the release's (dict with 'ema', 'args': config read off the weights), or a bare state dict."""
+    """Ours (config stored), the release's (dict with 'ema', 'args': config read off the weights) or a bare state dict."""
     ck = reg.load_checkpoint(args.ckpt)
     bare = all(torch.is_tensor(v) for v in ck.values())
     if not bare and args.weights not in ck:
@@ -82,7 +81,7 @@ def generate(model, vae, enc, lo, hi, labels, args, device, bar, stats):
         gens = [torch.Generator().manual_seed(seed_of(args.seed, i)) for i in idx]
         x = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g) for g in gens])
         c = torch.stack([torch.randn(cfg.encoder_dim, generator=g) for g in gens]).to(device) if model.entangled else None
-        y = torch.tensor([labels[i % len(labels)] for i in idx], device=device)  # class-balanced: label list cycled
+        y = torch.tensor([labels[i % len(labels)] for i in idx], device=device)  # class-balanced: labels cycled
         torch.manual_seed(seed_of(args.seed, first, 'sde'))                       # reg.sample draws SDE noise globally
         with reg.autocast(device, args.precision):
             x, c = reg.sample(net, x.to(device), y, c, args.steps, 'euler' if args.mode == 'ode' else args.mode,
@@ -101,20 +100,13 @@ def image_batches(src, size, batch=100):
     if isinstance(src, str) and src.endswith('.npz'):
         src = np.load(src)['arr_0']
     elif isinstance(src, str):
-        check(os.path.isdir(src), f"--fd-ref {src!r} is none of: a folder of images, an .npz, cifar10-train at --data-dir")
+        check(os.path.isdir(src), f"--fd-ref {src!r} is none of: a folder of images, an .npz, cifar10-train (--data-dir)")
         src = sorted(str(f) for f in Path(src).rglob('*') if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.webp'))
         check(src, "the --fd-ref folder holds no .png/.jpg/.webp images")
     for i in range(0, len(src), batch):
         b = [np.asarray(Image.open(f).convert('RGB').resize((size, size), Image.BICUBIC)) if isinstance(f, str) else f
              for f in src[i:i + batch]]
         yield torch.from_numpy(np.stack(b)).permute(0, 3, 1, 2)
-
-
-def cifar10(root):
-    """torchvision's CIFAR-10 training images under root, else the class folders root/train (shared/'s JPEGs)."""
-    if os.path.isdir(os.path.join(root, 'cifar-10-batches-py')):
-        return __import__('torchvision').datasets.CIFAR10(root, train=True).data
-    return os.path.join(root, 'train')
 
 
 def main(args):
@@ -139,26 +131,25 @@ def main(args):
         check(not args.encoder or model.entangled, "token consistency needs a model with the REG token: drop --encoder")
         torch.manual_seed(args.seed)                                              # encoders with weights 'random' (tests)
         enc = reg.load_encoder(args.encoder, model.grid, args.encoder_weights, device) if args.encoder else None
-        check(not enc or enc.dim == cfg.encoder_dim, f"--encoder gives {enc and enc.dim}-d tokens, the model's are "
-              f"{cfg.encoder_dim}-d")                                             # FD_DINOv2 sees 16x16 patches, 224px:
-        fd_enc = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device) if args.fd_ref else None
+        check(not enc or enc.dim == cfg.encoder_dim, f"--encoder is {enc and enc.dim}-d, the token {cfg.encoder_dim}-d")
+        fd_enc = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device) if args.fd_ref else None  # 224px
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"sample.py: {e}") from None
-    stats, bar = dict(nfe=0), tqdm(unit='img', disable=rank > 0)
+    stats, bar = dict(nfe=0), tqdm(disable=True)
     run = lambda lo, hi: generate(model, vae, enc, lo, hi, labels, args, device, bar, stats)
     if args.bench:
         run(0, args.batch_size)                                                   # warm-up
         stats['nfe'], t0, n = 0, time.time(), args.bench * args.batch_size
         run(0, n)
-        r = dict(samples_per_s=n / (time.time() - t0), nfe_per_s=stats['nfe'] / (time.time() - t0))
-        print(f"{r['samples_per_s']:.3f} samples/s, {r['nfe_per_s']:.1f} NFE/s ({stats['nfe'] / n:.0f} per sample: CFG "
-              f"doubles the batch inside the guidance interval only); {args.mode}, {args.steps} steps, batch {args.batch_size}")
+        r = dict(samples_per_s=n / (time.time() - t0), nfe_per_s=stats['nfe'] / (time.time() - t0), nfe=stats['nfe'] / n)
+        print(f"{r['samples_per_s']:.3f} samples/s, {r['nfe_per_s']:.1f} NFE/s ({r['nfe']:.0f} per sample; CFG doubles the "
+              f"batch inside the guidance interval only): {args.mode}, {args.steps} steps, batch {args.batch_size}")
         return r
     out = args.out or os.path.join('samples', os.path.splitext(os.path.basename(args.ckpt))[0])
     keys = 'weights mode steps cfg_scale cls_cfg_scale guidance_low guidance_high seed batch_size shard_size precision encoder'
     new = json.loads(json.dumps({k: getattr(args, k) for k in keys.split()} | dict(
         ckpt=os.path.abspath(args.ckpt), labels=labels, config=vars(cfg), vae=args.vae if vae else None)))
-    path = Path(out, 'settings.json')
+    path = Path(out, 'settings.json')                                             # refuse to mix or overwrite samples
     old = json.loads(path.read_text()) if path.exists() else new
     diff = [f"{k}: {old.get(k)} there, {new.get(k)} now" for k in sorted(old | new) if old.get(k) != new.get(k)]
     check(not diff, f"{out} holds samples made with other settings ({'; '.join(diff)}): pass another --out")
@@ -168,7 +159,7 @@ def main(args):
     shards = [(lo, min(lo + S, N)) for lo in range(0, N, S)]
     name = lambda lo, hi: os.path.join(out, f'shard-{lo:07d}-{hi:07d}.npz')
     todo = [s for j, s in enumerate(shards) if j % world == rank and not os.path.exists(name(*s))][:args.max_shards]
-    bar.total = sum(hi - lo for lo, hi in todo)
+    bar = tqdm(total=sum(hi - lo for lo, hi in todo), unit='img', disable=rank > 0)
     for lo, hi in todo:                                                           # finished shards are never redone
         images, cos = run(lo, hi)
         save_npz(name(lo, hi), arr_0=images, **({} if cos is None else dict(cos=cos)))
@@ -187,20 +178,18 @@ def main(args):
         Image.fromarray(images.reshape(-1, R, H, W, 3).transpose(1, 2, 0, 3, 4).reshape(R * H, -1, 3)).save(final)
     elif not os.path.exists(final):
         save_npz(final, arr_0=images)                                             # ADM: arr_0 uint8 (N, H, W, 3)
-    result, notes = dict(path=final, n=len(images)), [f"PNGs in {out}/png"] * args.save_png
-    if cos is not None:
-        result['consistency'] = float(cos.mean())
-        notes.append(f"token consistency {result['consistency']:.4f} (mean cosine under {args.encoder})")
-    if fd_enc:
+    scores = {} if cos is None else {f'token consistency ({args.encoder})': float(cos.mean())}  # [REG] mean cosine
+    if fd_enc:                                                                    # torchvision's CIFAR-10, else JPEG folders
+        tv = os.path.isdir(os.path.join(args.data_dir, 'cifar-10-batches-py'))
+        cifar = lambda: __import__('torchvision').datasets.CIFAR10(args.data_dir).data if tv else f'{args.data_dir}/train'
         key = repr((os.path.abspath(args.fd_ref), os.path.abspath(args.data_dir), args.fd_encoder, args.fd_encoder_weights, H))
         cache = os.path.join(out, f'fd-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt')   # reference stats once
-        ref = cifar10(args.data_dir) if args.fd_ref == 'cifar10-train' else args.fd_ref
-        result['fd'] = reg.frechet_distance(reg.encoder_stats(fd_enc, image_batches(images, H)),
-                                            reg.encoder_stats(fd_enc, image_batches(ref, H), cache=cache))
-        notes.append(f"FD_{args.fd_encoder} {result['fd']:.3f} vs {args.fd_ref}")
-    print(f"wrote {final}: {len(images)} samples {H}x{W}, {args.mode} {args.steps} steps, cfg {args.cfg_scale}/"
-          f"{args.cls_cfg_scale} on t in [{args.guidance_low}, {args.guidance_high}]; " + '; '.join(notes))
-    return result
+        ref = reg.encoder_stats(fd_enc, image_batches(cifar() if args.fd_ref == 'cifar10-train' else args.fd_ref, H), cache)
+        scores[f'FD_{args.fd_encoder}'] = reg.frechet_distance(reg.encoder_stats(fd_enc, image_batches(images, H)), ref)
+    print(f"wrote {final}{' and ' + out + '/png' if args.save_png else ''}: {len(images)} samples, {args.mode} {args.steps} "
+          f"steps, cfg {args.cfg_scale}/{args.cls_cfg_scale} on [{args.guidance_low}, {args.guidance_high}]"
+          + ''.join(f", {k} {v:.4f}" for k, v in scores.items()))
+    return dict(path=final, samples=len(images), **scores)
 
 
 def parse_args(argv=None):
@@ -228,7 +217,7 @@ def parse_args(argv=None):
     a('--labels', help="comma-separated class labels, e.g. 1,2,3 (default: grid 0..9, --npz all classes)")
     a('--per-row', type=int, default=8, help="grid samples per label row (default: 8)")
     a('--save-png', action='store_true', help="also write each sample as <out>/png/NNNNNN.png")
-    a('--vae', default='stabilityai/sd-vae-ft-ema', help="SD-VAE hub name or local folder for latent models (default: the paper's)")
+    a('--vae', default='stabilityai/sd-vae-ft-ema', help="SD-VAE of latent models: hub name or local folder (default: the paper's)")
     a('--fd-ref', help="reference of the Frechet distance: a folder of images, an .npz with arr_0, or cifar10-train")
     a('--data-dir', default='data/cifar10', help="cifar10-train: torchvision's CIFAR-10 or JPEG folders (default: data/cifar10)")
     a('--fd-encoder', default='dinov2-l', help="feature space of the FD (default: dinov2-l, FD_DINOv2 of Stein et al. 2023)")

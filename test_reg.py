@@ -362,9 +362,9 @@ def test_cfg_scale_one_equals_the_conditional_drift():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x, c, y = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
     for sde in (False, True):
-        args = (field, x, c, 0.6, y, 2)
-        plain = reg.guided_drift(*args, 1.0, 1.0, False, sde, 'linear', torch.float32)
-        guided = reg.guided_drift(*args, 1.0, 1.0, True, sde, 'linear', torch.float32)
+        args = (field, [x, c], 0.6, y, 2, (1.0, 1.0))
+        plain = reg.guided_drift(*args, False, sde, 'linear', torch.float32)
+        guided = reg.guided_drift(*args, True, sde, 'linear', torch.float32)
         for a, b in zip(plain, guided):
             torch.testing.assert_close(a, b)
 
@@ -372,13 +372,16 @@ def test_cfg_scale_one_equals_the_conditional_drift():
 def test_cfg_combines_cond_and_uncond_with_separate_token_scale():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x, c, y = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
-    cond = reg.guided_drift(field, x, c, 0.6, y, 2, 1.0, 1.0, False, False, 'linear', torch.float32)
-    uncond = reg.guided_drift(field, x, c, 0.6, torch.full_like(y, 2), 2, 1.0, 1.0, False, False, 'linear', torch.float32)
-    dx, dc = reg.guided_drift(field, x, c, 0.6, y, 2, 2.3, 1.5, True, False, 'linear', torch.float32)
-    torch.testing.assert_close(dx, uncond[0] + 2.3 * (cond[0] - uncond[0]))
-    torch.testing.assert_close(dc, uncond[1] + 1.5 * (cond[1] - uncond[1]))
-    _, dc0 = reg.guided_drift(field, x, c, 0.6, y, 2, 2.3, 0.0, True, False, 'linear', torch.float32)
-    torch.testing.assert_close(dc0, cond[1])                                  # token scale <= 0: conditional drift
+    for sde in (False, True):
+        drift = lambda labels, scales, guide: reg.guided_drift(field, [x, c], 0.6, labels, 2, scales, guide, sde,
+                                                               'linear', torch.float32)
+        cond, uncond = drift(y, (1.0, 1.0), False), drift(torch.full_like(y, 2), (1.0, 1.0), False)
+        dx, dc = drift(y, (2.3, 1.5), True)
+        torch.testing.assert_close(dx, uncond[0] + 2.3 * (cond[0] - uncond[0]))
+        torch.testing.assert_close(dc, uncond[1] + 1.5 * (cond[1] - uncond[1]))
+        dx0, dc0 = drift(y, (0.0, 0.0), True)
+        torch.testing.assert_close(dc0, cond[1])                              # token scale <= 0: conditional drift
+        torch.testing.assert_close(dx0, uncond[0])                            # image scale 0: unconditional
 
 
 def test_cfg_scale_one_samples_like_the_unguided_sampler():
