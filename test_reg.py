@@ -324,10 +324,10 @@ def test_ema_update_is_the_exponential_average():
 # --- samplers on a Gaussian toy with a closed-form velocity field ------------------------------------------------------
 
 class GaussianField:
-    """Data x ~ N(mu_y, s^2) per coordinate (mu depends on the label; the null label has mu = 0), token c ~ N(m, r^2).
-    On the linear path x_t = (1 - t) x + t eps, the exact velocity E[eps - x | x_t] is linear in x_t."""
-    def __init__(self, mus, s=0.5, m=-1.0, r=0.3):
-        self.mus, self.s, self.m, self.r, self.calls = mus, s, m, r, []
+    """Data x ~ N(mu_y, s^2) per coordinate and token c ~ N(-mu_y / 2, r^2): both depend on the label (the null label
+    has mu = 0). On the linear path x_t = (1 - t) x + t eps, the exact velocity E[eps - x | x_t] is linear in x_t."""
+    def __init__(self, mus, s=0.5, r=0.3):
+        self.mus, self.s, self.r, self.calls = mus, s, r, []
 
     @staticmethod
     def velocity(z, t, mu, s):
@@ -340,7 +340,7 @@ class GaussianField:
         bt = t.view(-1, 1, 1, 1).double()
         mu = self.mus[y].view(-1, 1, 1, 1)
         v = self.velocity(x.double(), bt, mu, self.s)
-        vc = self.velocity(cls.double(), t[:, None].double(), self.m, self.r)
+        vc = self.velocity(cls.double(), t[:, None].double(), -self.mus[y][:, None] / 2, self.r)
         return v.float(), vc.float(), None
 
 
@@ -352,10 +352,9 @@ def test_samplers_land_on_the_right_mean_and_std(mode, steps):
     y = torch.arange(n) % 2
     x, c = reg.sample(field, torch.randn(n, 1, 2, 2), y, torch.randn(n, 4), steps=steps, mode=mode, null_label=2)
     for label, mu in ((0, 2.0), (1, -1.0)):
-        xs = x[y == label]
-        assert abs(xs.mean().item() - mu) < 0.03
-        assert abs(xs.std().item() - 0.5) < 0.02
-    assert abs(c.mean().item() + 1.0) < 0.03 and abs(c.std().item() - 0.3) < 0.02
+        xs, cs = x[y == label], c[y == label]
+        assert abs(xs.mean().item() - mu) < 0.03 and abs(xs.std().item() - 0.5) < 0.02
+        assert abs(cs.mean().item() + mu / 2) < 0.03 and abs(cs.std().item() - 0.3) < 0.02
 
 
 def test_cfg_scale_one_equals_the_conditional_drift():
@@ -409,7 +408,21 @@ def test_unconditional_pass_only_inside_the_guidance_interval(mode):
     assert any((labels == 2).any() for _, labels in field.calls)
 
 
-def test_sde_grid_and_deterministic_last_step():
+def test_sde_last_step_is_deterministic():
+    field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
+    x0, c0, y = torch.randn(4, 1, 2, 2), torch.randn(4, 4), torch.arange(4) % 2
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(reg.sample(field, x0, y, c0, steps=1, mode='sde', null_label=2))   # grid [1, 0]: the last step only
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    torch.manual_seed(0)
+    two = reg.sample(field, x0, y, c0, steps=2, mode='sde', null_label=2)
+    torch.manual_seed(1)
+    assert not torch.equal(two[0], reg.sample(field, x0, y, c0, steps=2, mode='sde', null_label=2)[0])
+
+
+def test_sde_grid():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     y = torch.zeros(3, dtype=torch.long)
     torch.manual_seed(0)

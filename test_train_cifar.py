@@ -1,6 +1,7 @@
 """Tests of train_cifar.py on a tiny generated ImageFolder with randomly initialised real timm encoders (CPU, offline)."""
 import json
 import os
+import signal
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
@@ -44,7 +45,7 @@ def data(tmp_path_factory):
 
 def test_trains_and_writes_checkpoint_samples_log(data, tmp_path):
     out = tmp_path / 'run'
-    train_cifar.main(args(data, out, '--steps', '4', '--sample-every', '4', '--sample-steps', '2', '--sample-cols', '2'))
+    train_cifar.main(args(data, out, '--steps', '4', '--sample-every', '4', '--sample-steps', '2'))
     recs = log(out)
     assert [r['step'] for r in recs] == [1, 2, 3, 4]
     assert all(np.isfinite(r['loss']) and r['token'] > 0 and r['align'] != 0 for r in recs)  # all three REG terms live
@@ -52,23 +53,53 @@ def test_trains_and_writes_checkpoint_samples_log(data, tmp_path):
     assert ckpt['step'] == 4 and ckpt['config']['num_classes'] == 3 and ckpt['config']['input_size'] == 8
     assert ckpt['config']['encoder_dim'] == 384 and ckpt['args']['method'] == 'reg'
     img = Image.open(out / 'samples_0000004.png')
-    assert img.size[1] > img.size[0]                      # 3 rows (classes) x 2 columns of 8x8 samples plus padding
+    assert img.size == (8 * 10 + 2, 3 * 10 + 2)           # 3 rows (classes) x 8 columns of 8x8 samples, 2px padding
     with pytest.raises(SystemExit, match='--resume'):     # never overwrite a run that holds checkpoints
         train_cifar.main(args(data, out, '--steps', '4'))
     with pytest.raises(SystemExit, match='--method'):     # resume under another method names the difference
         train_cifar.main(args(data, out, '--steps', '6', '--method', 'repa', '--resume'))
 
 
-def test_resume_reproduces_uninterrupted_run(data, tmp_path):
+def ctrl_c_at(monkeypatch, at):
+    """Make reg.train_step deliver a real SIGINT to this process during step `at` (1-based)."""
+    calls, step = [], reg.train_step
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*a, **k)
+    monkeypatch.setattr(reg, 'train_step', interrupted)
+
+
+def test_resume_after_ctrl_c_reproduces_uninterrupted_run(data, tmp_path, monkeypatch):
     a, b = tmp_path / 'a', tmp_path / 'b'               # 12 images, batch 4: 3 steps an epoch, resume mid-epoch 1
-    train_cifar.main(args(data, a, '--steps', '5'))
-    train_cifar.main(args(data, b, '--steps', '2'))
-    train_cifar.main(args(data, b, '--steps', '5', '--resume'))
+    train_cifar.main(args(data, a, '--steps', '7', '--ckpt-every', '4'))
+    with monkeypatch.context() as m:
+        ctrl_c_at(m, 2)                                  # Ctrl-C in step 2: the step ends, is saved, the run stops
+        train_cifar.main(args(data, b, '--steps', '7', '--ckpt-every', '4'))
+    assert [os.path.basename(p) for p in reg.list_checkpoints(str(b))] == ['0000002.pt']
+    train_cifar.main(args(data, b, '--steps', '5', '--resume'))       # resume twice, once across a checkpoint
+    train_cifar.main(args(data, b, '--steps', '7', '--ckpt-every', '4', '--resume'))
     assert log(a) == [{**r, 'img_per_s': log(a)[i]['img_per_s']} for i, r in enumerate(log(b))]
-    sa, sb = reg.load_checkpoint(str(a / '0000005.pt')), reg.load_checkpoint(str(b / '0000005.pt'))
+    sa, sb = reg.load_checkpoint(str(a / '0000007.pt')), reg.load_checkpoint(str(b / '0000007.pt'))
     for part in ('model', 'ema'):
         assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part])
     assert torch.equal(sa['rng']['torch'], sb['rng']['torch'])
+    opt_a, opt_b = sa['opt']['state'], sb['opt']['state']
+    assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+
+
+def test_non_finite_loss_stops_without_saving_it(data, tmp_path, monkeypatch):
+    calls, loss = [], reg.reg_loss
+    def poisoned(*a, **k):                             # the loss turns NaN in step 3, found at the save in step 4
+        calls.append(1)
+        out = loss(*a, **k)
+        return {**out, 'loss': out['loss'] * float('nan')} if len(calls) >= 3 else out
+    monkeypatch.setattr(reg, 'reg_loss', poisoned)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='not finite at step 4.*0000002.pt'):
+        train_cifar.main(args(data, out, '--steps', '6', '--ckpt-every', '2', '--log-every', '100'))
+    assert [os.path.basename(p) for p in reg.list_checkpoints(str(out))] == ['0000002.pt']
 
 
 def test_feature_cache_matches_live_encoder(data, tmp_path):

@@ -1,11 +1,10 @@
 """Tests of train_imagenet.py on CPU, offline: a generated ImageFolder, a tiny random SD-VAE-layout AutoencoderKL,
 SiT-Ti/2 on 4x4 latents (32 px images) and a random DINOv2-S at 28 px (grid 2)."""
+import functools
 import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,14 +16,25 @@ diffusers = pytest.importorskip('diffusers')
 import reg                                                          # noqa: E402
 import train_imagenet as ti                                         # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--preset', 'SiT-Ti/2', '--encoder', 'vit_small_patch14_dinov2.lvd142m', '--encoder-weights', 'random',
-        '--device', 'cpu', '--global-batch', '8', '--micro-batch', '2', '--sample-every', '0']
+        '--device', 'cpu', '--global-batch', '4', '--micro-batch', '2', '--sample-every', '0']
 
 
 def prepare(root, out, *extra):
     return ti.main(['prepare', '--data', str(root / 'images'), '--out', str(out), '--resolution', '32', '--vae',
                     str(root / 'vae'), '--shard-size', '5', '--workers', '0', '--batch-size', '3', *extra])
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast():
+    """One thread (tiny models run fastest so, and a busy CI box makes two much slower); one random encoder built once
+    (it is frozen, so runs can share it; building it is most of a short run's time on CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reg, 'load_encoder', functools.lru_cache(reg.load_encoder))
+        yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +102,7 @@ def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='--vae'):
         ti.main(['prepare', '--data', str(root / 'images'), '--out', str(tmp_path / 'p2'), '--vae', str(tmp_path / 'none')])
     with pytest.raises(SystemExit, match='--encoder-weights'):                            # DINOv2 offline, no file
-        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path / 'r'), *TINY[:2], '--device', 'cpu', '--global-batch', '8'])
+        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path / 'r'), *TINY[:2], '--encoder', 'dinov2-s', *TINY[6:]])
     monkeypatch.setenv('WORLD_SIZE', '3')
     with pytest.raises(SystemExit, match='not a multiple'):
         ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path / 'r'), *TINY])
@@ -103,43 +113,45 @@ def weights(folder, step):
     return state['model'], state['ema']
 
 
+def ddp_worker(rank, port, argv):
+    """What torchrun sets up for each process (gloo on CPU)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    ti.main(argv)
+
+
 def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
     one = str(tmp_path / 'one')
-    args = ['train', '--data', str(root / 'prep'), *TINY, '--steps', '3', '--log-every', '1']
-    ti.main([*args, '--out', one, '--sample-every', '3', '--sample-steps', '2', '--vae', str(root / 'vae')])
-    assert os.path.isfile(os.path.join(one, 'samples', '0000003.png'))
-    assert [json.loads(l)['step'] for l in open(os.path.join(one, 'log.jsonl'))] == [1, 2, 3]
+    args = ['train', '--data', str(root / 'prep'), *TINY, '--steps', '2', '--log-every', '1']
+    ti.main([*args, '--out', one, '--sample-every', '2', '--sample-steps', '2', '--vae', str(root / 'vae')])
+    assert os.path.isfile(os.path.join(one, 'samples', '0000002.png'))
+    assert [json.loads(l)['step'] for l in open(os.path.join(one, 'log.jsonl'))] == [1, 2]
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
-    two = str(tmp_path / 'two')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                           str(port), os.path.join(HERE, 'train_imagenet.py'), *args, '--out', two],
-                          env=env, cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (m1, e1), (m2, e2) = weights(one, 3), weights(two, 3)
+    two = str(tmp_path / 'two')                   # forked, not spawned: the children skip importing torch and timm again
+    torch.multiprocessing.start_processes(ddp_worker, (port, [*args, '--out', two]), nprocs=2, start_method='fork')
+    (m1, e1), (m2, e2) = weights(one, 2), weights(two, 2)
     init = reg.make_model('SiT-Ti/2', input_size=4, num_classes=3, encoder_dim=384).state_dict()
     assert any(not torch.allclose(m1[k], init[k]) for k in m1)                            # it did train
     for a, b in ((m1, m2), (e1, e2)):
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), 'DDP run differs from the one-process run'
     part = str(tmp_path / 'part')
-    ti.main([*args[:-4], '--steps', '2', '--out', part])
-    ti.main([*args[:-4], '--steps', '3', '--out', part, '--resume'])
-    m3, e3 = weights(part, 3)
+    ti.main([*args[:-4], '--steps', '1', '--out', part])
+    ti.main([*args[:-4], '--steps', '2', '--out', part, '--resume'])
+    m3, e3 = weights(part, 2)
     assert all(torch.equal(m1[k], m3[k]) and torch.equal(e1[k], e3[k]) for k in m1), 'resume is not exact'
 
 
 def test_nonfinite_loss_stops_without_saving_it(root, tmp_path):
     with pytest.raises(SystemExit, match='non-finite'):
-        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path), *TINY, '--steps', '5', '--lr', '1e30',
+        ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path), *TINY, '--steps', '3', '--lr', '1e30',
                  '--log-every', '1', '--ckpt-every', '1'])
     for path in reg.list_checkpoints(str(tmp_path)):
         assert all(torch.isfinite(v).all() for v in load(path)['model'].values())
 
 
 def test_bench_reports_speed_and_flops(tmp_path):
-    r = ti.main(['train', '--synthetic', '--bench', '2', '--resolution', '32', *TINY[:-4], '--global-batch', '4'])
+    r = ti.main(['train', '--synthetic', '--bench', '2', '--warmup', '1', '--resolution', '32', *TINY])
     assert r['images_per_s'] > 0 and min(r['encoder_ms'], r['fwd_bwd_ms'], r['optimizer_ms']) > 0
     assert r['step_ms'] == pytest.approx(r['encoder_ms'] + r['fwd_bwd_ms'] + r['optimizer_ms'])
     xl = reg.SiTConfig(**{**reg.PRESETS['SiT-XL/2'], **reg.METHODS['sit']})
