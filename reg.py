@@ -68,16 +68,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([angle.cos(), angle.sin()], dim=-1))                    # (B, D)
 
 
-class LabelEmbedder(nn.Module):
-    """Class label -> (B, D). Row K (= num_classes) is the null label used for classifier-free guidance."""
-    def __init__(self, num_classes, dim):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
-
-    def forward(self, y):
-        return self.embedding_table(y)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens, written out on fused SDPA; optional per-head qk LayerNorm."""
     def __init__(self, dim, heads, qk_norm=False):
@@ -169,10 +159,10 @@ class SiT(nn.Module):
         self.grid = cfg.input_size // cfg.patch_size
         self.entangled = cfg.token in ('cls', 'mean')                                     # [REG] token is noised and denoised
         self.extra = int(cfg.token != 'none')                                             # [REG] 1 token slot before the patches
-        self.x_embedder = nn.Module()
+        self.x_embedder, self.y_embedder = nn.Module(), nn.Module()                       # named as in DiT/SiT checkpoints
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
+        self.y_embedder.embedding_table = nn.Embedding(cfg.num_classes + 1, D)            # row K: the null label (CFG)
         if self.entangled:
             self.token_embedder = nn.Linear(E, D)                                         # [REG] W_c: E -> D
             self.token_norm = nn.LayerNorm(D, eps=1e-6)                                   # [REG] LN with affine
@@ -210,9 +200,8 @@ class SiT(nn.Module):
         v_cls is None without an entangled token; z_proj is None outside training or without REPA."""
         cfg, B = self.cfg, x.shape[0]
         if x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
-            raise ValueError(f"the model expects inputs of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
-                             f"got {tuple(x.shape)}: check the image size / latent channels, or build the model with "
-                             f"input_size={x.shape[-1]} in_channels={x.shape[1] if x.dim() == 4 else '?'}")
+            raise ValueError(f"the model expects inputs of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}),"
+                             f" got {tuple(x.shape)}: check the image size and channels, or build the model to match")
         h = rearrange(self.x_embedder.proj(x), 'b d h w -> b (h w) d')                    # (B, T, D)
         if self.entangled:
             if cls is None or cls.shape != (B, cfg.encoder_dim):                          # [REG]
@@ -223,7 +212,7 @@ class SiT(nn.Module):
         elif self.extra:
             h = torch.cat([self.learned_token.expand(B, -1, -1), h], dim=1)               # [REG] (B, 1+T, D)
         h = h + self.pos_embed                                                            # (B, N, D), N = extra+T
-        c = self.t_embedder(t) + self.y_embedder(y)                                       # (B, D)
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(y)                       # (B, D)
         z_proj = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                                               # (B, N, D)
@@ -389,10 +378,8 @@ def sample(model, x, y, cls=None, steps=250, mode='sde', cfg_scale=1.0, cls_cfg_
     dtype = x.dtype
     state_dtype = state_dtype or (torch.float64 if x.device.type == 'cpu' else torch.float32)  # float64 is slow on GPUs
     cls_cfg_scale = cfg_scale if cls_cfg_scale is None else cls_cfg_scale
-    if mode == 'sde':
-        ts = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    else:
-        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64) if mode != 'sde' else \
+        torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     pair = [x.to(state_dtype), None if cls is None else cls.to(state_dtype)]              # [REG] (image, token)
     step = lambda a, b, h: [None if u is None else u + h * du for u, du in zip(a, b)]     # a + h * b, pairwise
     for i, (t, t_next) in enumerate(zip(ts[:-1].tolist(), ts[1:].tolist())):
@@ -435,13 +422,14 @@ def config_from_state_dict(sd):
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
     token = 'cls' if 'token_embedder.weight' in sd else 'learned' if 'learned_token' in sd else 'none'
     T = sd['pos_embed'].shape[1] - (token != 'none')
-    heads = next((h for d, w, h in SIZES.values() if (d, w) == (depth, D)), max(1, D // 64))
+    preset = next((v for v in PRESETS.values() if (v['depth'], v['hidden_size'], v['patch_size']) == (depth, D, p)),
+                  dict(num_heads=max(1, D // 64), encoder_depth=min(8, depth)))                   # heads are not stored
     E = sd['final_layer.linear_cls.weight'].shape[0] if token == 'cls' else \
         sd['projector.4.weight'].shape[0] if 'projector.4.weight' in sd else 768
     return SiTConfig(input_size=int(math.isqrt(T)) * p, in_channels=C, patch_size=p, depth=depth, hidden_size=D,
-                     num_heads=heads, num_classes=sd['y_embedder.embedding_table.weight'].shape[0] - 1,
+                     num_heads=preset['num_heads'], num_classes=sd['y_embedder.embedding_table.weight'].shape[0] - 1,
                      repa='projector.0.weight' in sd, token=token, encoder_dim=E,
-                     encoder_depth=min(8, depth), projector_dim=sd.get('projector.0.weight', torch.zeros(2048)).shape[0],
+                     encoder_depth=preset['encoder_depth'], projector_dim=sd.get('projector.0.weight', torch.zeros(2048)).shape[0],
                      qk_norm='blocks.0.attn.q_norm.weight' in sd)
 
 

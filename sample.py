@@ -41,10 +41,9 @@ def load_vae(path_or_name='stabilityai/sd-vae-ft-ema', device='cpu'):
 def load_model(args):
     """Ours (config stored), the release's (config read off the weights and its args) or a bare state dict."""
     ck = reg.load_checkpoint(args.ckpt)
-    bare = all(torch.is_tensor(v) for v in ck.values())
-    if not bare and args.weights not in ck:
+    sd = ck if all(torch.is_tensor(v) for v in ck.values()) else ck.get(args.weights)     # a bare state dict, or pick
+    if sd is None:
         raise ValueError(f"the checkpoint has no {args.weights!r} weights (keys: {sorted(ck)}): pick another --weights")
-    sd = ck if bare else ck[args.weights]
     cfg = reg.SiTConfig(**ck['config']) if 'config' in ck else reg.config_from_state_dict(sd)
     cfg.encoder_depth = args.encoder_depth or getattr(ck.get('args'), 'encoder_depth', cfg.encoder_depth)
     return reg.load_weights(reg.SiT(cfg), sd)
@@ -101,7 +100,9 @@ def main(args):
         check(not args.encoder or model.entangled, "token consistency needs a model with the REG token: drop --encoder")
         enc = reg.load_encoder(args.encoder, model.grid, args.encoder_weights, device) if args.encoder else None
         check(not enc or enc.dim == cfg.encoder_dim, f"--encoder is {enc and enc.dim}-d, the token {cfg.encoder_dim}-d")
-        fd_enc = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device) if args.fd_ref else None
+        ref = args.data_dir if args.fd_ref == 'cifar10-train' else args.fd_ref    # FD reference: .npz or image folder
+        check(not ref or os.path.exists(ref), f"--fd-ref {ref!r} (--data-dir for cifar10-train) does not exist")
+        fd_enc = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device) if ref else None
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"sample.py: {e}".replace('as --encoder-weights', 'as --(fd-)encoder-weights')) from None
     stats, bar = dict(nfe=0), tqdm(disable=True)                                  # nfe: network evaluations x batch
@@ -150,7 +151,6 @@ def main(args):
         os.replace(final + '.tmp.npz', final)
     scores = dict(token_consistency=float(np.concatenate([p['cos'] for p in parts]).mean())) if enc else {}  # [REG]
     if fd_enc:
-        ref = args.data_dir if args.fd_ref == 'cifar10-train' else args.fd_ref
         key = repr((os.path.abspath(ref), args.fd_encoder, args.fd_encoder_weights, H))
         cache = os.path.join(out, f'fd-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt')   # reference stats once
         scores['fd'] = reg.frechet_distance(reg.encoder_stats(fd_enc, image_batches(images, H)),
@@ -183,7 +183,7 @@ def parse_args(argv=None):
     a('--num-samples', type=int, default=50000, help="samples in --npz mode (default: 50000, the FID-50K protocol)")
     a('--shard-size', type=int, default=1000, help="samples per shard file; unit of resume, GPU split (default: 1000)")
     a('--max-shards', type=int, help="stop after this many new shards (default: no limit; run again to resume)")
-    a('--labels', type=lambda s: [int(v) for v in s.split(',')], help="comma-separated class labels, e.g. 1,2,3 (default: grid 0..9, --npz all classes)")
+    a('--labels', type=lambda s: list(map(int, s.split(','))), help="labels like 1,2,3 (default: grid 0..9, npz all)")
     a('--per-row', type=int, default=8, help="grid samples per label row (default: 8)")
     a('--save-png', action='store_true', help="also write each sample as <out>/png/NNNNNN.png")
     a('--vae', default='stabilityai/sd-vae-ft-ema', help="latent models' SD-VAE: hub name or folder (default: paper's)")

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import urllib.error
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
@@ -13,7 +14,6 @@ from PIL import Image
 import reg
 import train_cifar
 
-torch.set_num_threads(1)    # tiny matmuls: a second thread only adds sync overhead (70x slower on a 2-core VM)
 ENC = ['--encoder', 'vit_small_patch14_dinov2.lvd142m', '--encoder-weights', 'random']
 
 
@@ -36,6 +36,15 @@ def args(data, out, *extra, enc=ENC):
 
 def log(out):
     return [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronisation (up to 70x slower on a 2-core VM)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -141,7 +150,7 @@ def test_fd_evaluation_and_npz(data, tmp_path):
     assert len(list(tmp_path.glob('stats-*.pt'))) == 1
 
 
-def test_bad_input_gives_clear_errors(data, tmp_path):
+def test_bad_input_gives_clear_errors(data, tmp_path, monkeypatch):
     out = tmp_path / 'run'
     train_cifar.main(args(data, out, '--steps', '1'))
     (out / '0000001.pt').write_bytes(b'garbage' * 10)
@@ -150,10 +159,20 @@ def test_bad_input_gives_clear_errors(data, tmp_path):
     mixed = make_folder(tmp_path / 'mixed', odd=(1, 2, 16))
     with pytest.raises(SystemExit, match='differ in size.*16x16'):
         train_cifar.main(args(mixed, tmp_path / 'r2', '--steps', '1'))
+    make_folder(tmp_path / 'split' / 'train')                          # the CIFAR tarball's layout, one level too high
+    with pytest.raises(SystemExit, match='directly in one folder per class.*split/train'):
+        train_cifar.main(args(tmp_path / 'split', tmp_path / 'r6', '--steps', '1'))
+    broken = make_folder(tmp_path / 'broken')
+    (broken / 'class1' / '3.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit, match='class1/3.png'):
+        train_cifar.main(args(broken, tmp_path / 'r7', '--steps', '1'))
     odd = make_folder(tmp_path / 'odd', size=9)
     with pytest.raises(SystemExit, match='not a multiple of patch_size'):
         train_cifar.main(args(odd, tmp_path / 'r3', '--steps', '1'))
     with pytest.raises(SystemExit, match='--encoder-weights'):            # offline hub -> names the fix
         train_cifar.main(args(data, tmp_path / 'r4', '--steps', '1', enc=['--encoder', 'dinov2-s']))
+    def offline(*a, **k):                                                # as torchvision fails without a network
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(train_cifar, 'CIFAR10', offline)
     with pytest.raises(SystemExit, match='ImageFolder'):                 # no data, no network: says what to put there
         train_cifar.main(args(tmp_path / 'nothing', tmp_path / 'r5', '--steps', '1'))

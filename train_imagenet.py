@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import reg
+from train_cifar import sit_flops                             # one FLOP rule for both scripts
 
 SCALE, VAE = 0.18215, 'stabilityai/sd-vae-ft-ema'            # the SD-VAE latent scale (LDM) and the paper's VAE
 EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
@@ -176,22 +177,11 @@ def global_batch(n, size, seed, step):
 # 3. Measuring: analytic FLOPs, timestamps that do not wait for the GPU
 # ----------------------------------------------------------------------------------------------------------------------
 
-def sit_flops(cfg):
-    """Training FLOPs per image of the SiT by PaLM's rule (App. B): a matmul with W weights costs 2W per token forward
-    and 4W backward; attention adds 4 N^2 D per block forward (QK^T, AV). Norms, activations, the per-image adaLN and
-    embedders are left out. Check: forward / 2 of SiT-XL/2 = 118.4 G multiply-adds (DiT-XL/2 quotes 118.6 GFLOPs)."""
-    D, L, P, E = cfg.hidden_size, cfg.depth, cfg.projector_dim, cfg.encoder_dim
-    N = (cfg.input_size // cfg.patch_size) ** 2 + (cfg.token != 'none')
-    W = L * (4 + 2 * cfg.mlp_ratio) * D * D + 2 * D * cfg.in_channels * cfg.patch_size ** 2  # blocks, patchify, head
-    W += (D * P + P * P + P * E) if cfg.repa else 0                                         # projector, on every token
-    return 3 * (2 * N * W + 4 * L * N * N * D + (4 * D * E if cfg.token in ('cls', 'mean') else 0))
-
-
 def encoder_flops(enc):
-    """Forward FLOPs per image of the frozen ViT by the same rule (it runs forward only)."""
-    net = enc.net
-    N = (enc.size // net.patch_embed.patch_size[0]) ** 2 + net.num_prefix_tokens
-    return 2 * N * sum(p.numel() for p in net.blocks.parameters()) + 4 * len(net.blocks) * N * N * enc.dim
+    """Forward FLOPs per image of a frozen ViT encoder, by train_cifar.sit_flops' rule (2 per multiply-add, attention's
+    QK^T and AV included, norms and elementwise ops not); 0 for a CNN. The SiT's training FLOPs are 3 x its forward."""
+    net, N = enc.net, (enc.size // enc.net.patch_embed.patch_size[0]) ** 2 + enc.net.num_prefix_tokens if enc.vit else 0
+    return 2 * N * sum(p.numel() for p in net.blocks.parameters()) + 4 * len(net.blocks) * N * N * enc.dim if N else 0
 
 
 def stamp(device):
@@ -322,7 +312,7 @@ def train(args):
     if args.bench:                                             # per step: start, encoder pairs, optimiser start, end
         ips = args.bench * G / ((torch.cuda.synchronize() if cuda else None) or time.perf_counter() - t_bench)
         t = np.array([(ms(a, d), sum(map(ms, e[::2], e[1::2])), ms(o, d)) for a, e, o, d in times[-args.bench:]]).mean(0)
-        tflops = (sit_flops(reg.unwrap(model).cfg) + encoder_flops(enc)) * ips / world / 1e12
+        tflops = (3 * sit_flops(reg.unwrap(model).cfg, reg.unwrap(model).extra) + encoder_flops(enc)) * ips / world / 1e12
         rec = dict(images_per_s=ips, step_ms=t[0], encoder_ms=t[1], fwd_bwd_ms=t[0] - t[1] - t[2], optimizer_ms=t[2],
                    tflops_per_gpu=tflops, mfu=tflops / args.peak_tflops,
                    peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float('nan'))
