@@ -16,6 +16,7 @@ Time convention (used everywhere below): t = 0 is data, t = 1 is noise;  x_t = a
 Shape legend: B batch, C channels, H W image side, p patch, T = HW/p^2 patch tokens, D width, E encoder width.
 Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what REG adds to SiT+REPA.
 """
+import json
 import math
 import os
 import random
@@ -259,7 +260,7 @@ class FrozenEncoder(nn.Module):
         return pooled.float(), rearrange(fmap, 'b e h w -> b (h w) e')                    # (B, E), (B, T, E)
 
 
-def load_encoder(name='dinov2-b', grid=16, weights=None, device='cpu'):
+def load_encoder(name='dinov2-b', grid=16, weights=None, device='cpu', flag='--encoder-weights'):
     """DINOv2 (`dinov2-{s,b,l,g}[-reg]`) or any timm model by name. `weights`: a local file (offline), None to fetch
     from the Hugging Face hub, or 'random' for an untrained copy of the architecture (tests)."""
     import timm
@@ -277,7 +278,7 @@ def load_encoder(name='dinov2-b', grid=16, weights=None, device='cpu'):
         hub = timm.models.get_pretrained_cfg(arch).hf_hub_id or arch
         raise RuntimeError(f"could not load weights for encoder {arch} ({type(e).__name__}: {str(e)[:200]}). Offline? "
                            f"Download https://huggingface.co/{hub}/resolve/main/model.safetensors and pass its path "
-                           f"as --encoder-weights (load_encoder(weights=...)).") from None
+                           f"as {flag} (load_encoder(weights=...)).") from None
     return FrozenEncoder(net, grid).to(device)
 
 # 4. Interpolant (SiT Sec. 2): x_t = alpha_t x + sigma_t eps, the same t for image and token ---------------------------
@@ -368,11 +369,12 @@ def guided_drift(model, pair, t, y, null_label, scales, guide, sde, path, dtype)
 
 @torch.no_grad()
 def sample(model, x, y, cls=None, steps=250, mode='sde', cfg_scale=1.0, cls_cfg_scale=None, interval=(0.0, 1.0),
-           null_label=1000, path='linear', state_dtype=None):
+           null_label=1000, path='linear', state_dtype=None, noise=torch.randn_like):
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns the pair at t = 0.
     mode 'sde': Euler-Maruyama on linspace(1, 0.04, steps) then one deterministic step to 0 (the release's sampler);
     'euler' / 'heun': the probability-flow ODE on linspace(1, 0, steps + 1).
-    `model` is any callable (x, t, y, cls) -> (v, v_cls, ...). CFG runs only where low <= t <= high."""
+    `model` is any callable (x, t, y, cls) -> (v, v_cls, ...). CFG runs only where low <= t <= high.
+    `noise(state)` draws the SDE's noise (default: the global RNG; pass per-sample generators for shard-proof seeds)."""
     if mode not in ('sde', 'euler', 'heun') or steps < 1:
         raise ValueError(f"sampler mode must be 'sde', 'euler' or 'heun' and steps >= 1, got {mode!r}, {steps}")
     dtype = x.dtype
@@ -390,7 +392,7 @@ def sample(model, x, y, cls=None, steps=250, mode='sde', cfg_scale=1.0, cls_cfg_
         d = drift(pair, t)
         new = step(pair, d, dt)
         if mode == 'sde' and not last:                                                    # + sqrt(w_t |dt|) n, w_t = 2t
-            new = step(new, [None if u is None else torch.randn_like(u) for u in new], math.sqrt(2 * t * abs(dt)))
+            new = step(new, [None if u is None else noise(u) for u in new], math.sqrt(2 * t * abs(dt)))
         if mode == 'heun' and not last:                                                   # average with the slope at t_next
             new = step(pair, [None if a is None else (a + b) / 2 for a, b in zip(d, drift(new, t_next))], dt)
         pair = new
@@ -399,9 +401,10 @@ def sample(model, x, y, cls=None, steps=250, mode='sde', cfg_scale=1.0, cls_cfg_
 # 7. Presets and checkpoints (the official release's layout, and our own weights_only files) ---------------------------
 
 SIZES = dict(Ti=(4, 128, 2), S=(12, 384, 6), B=(12, 768, 12), L=(24, 1024, 16), XL=(28, 1152, 16))  # depth, D, heads
-PRESETS = {f'SiT-{s}/{p}': dict(depth=d, hidden_size=w, num_heads=h, patch_size=p,
-                                encoder_depth=2 if s == 'Ti' else 4 if s in 'SB' else 8)
-           for s, (d, w, h) in SIZES.items() for p in (2, 4, 8)}                          # Ti = tiny, for CPU work
+PRESETS = {f'SiT-{s}/{p}': dict(depth=d, hidden_size=w, num_heads=h, patch_size=p,  # Ti = tiny, for CPU work
+                                encoder_depth=2 if s == 'Ti' else 4 if s in 'SB' else 8,   # REPA: 4 for S/B, 8 for L/XL
+                                projector_dim=256 if s == 'Ti' else 2048)
+           for s, (d, w, h) in SIZES.items() for p in (2, 4, 8)}
 
 
 def make_model(preset='SiT-XL/2', method='reg', **overrides):
@@ -527,7 +530,6 @@ class Run:
         os.makedirs(folder, exist_ok=True)
 
     def log(self, **record):
-        import json
         with open(os.path.join(self.folder, 'log.jsonl'), 'a') as f:
             f.write(json.dumps({k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}) + '\n')
 
@@ -536,12 +538,25 @@ class Run:
                      config=asdict(unwrap(model).cfg), rng=rng_state(), scaler=scaler and scaler.state_dict(), **extra)
         save_checkpoint(os.path.join(self.folder, f'{step:07d}.pt'), state, self.keep)
 
-    def resume(self, model, ema, opt, scaler=None):
-        """Load the latest checkpoint of the folder into the given objects; returns its dict ({} when there is none)."""
-        found = list_checkpoints(self.folder)
+    def resume(self, model, ema, opt, scaler=None, must_match=None):
+        """Load the latest checkpoint of the folder into the given objects and cut the log back to its step; returns
+        its dict ({} when there is none). The model's config and the flags in `must_match` (saved as `args=` extra)
+        must equal the checkpoint's, else a ValueError lists what differs."""
+        found, log = list_checkpoints(self.folder), os.path.join(self.folder, 'log.jsonl')
+        state = load_checkpoint(found[-1]) if found else dict(step=0)
+        old_args, cfg = state.get('args', {}), unwrap(model).cfg
+        diff = [f"--{k.replace('_', '-')}: checkpoint {old_args.get(k)!r}, now {v!r}"
+                for k, v in (must_match or {}).items() if found and old_args.get(k) != v]
+        diff += [f"{k}: checkpoint {v!r}, now {getattr(cfg, k)!r}" for k, v in state.get('config', {}).items()
+                 if getattr(cfg, k) != v]
+        if diff:
+            raise ValueError(f"{found[-1]} comes from another configuration:\n  " + "\n  ".join(diff) +
+                             "\nresume with the original flags, or start a new run in another folder")
+        lines = open(log).readlines() if os.path.isfile(log) else []
+        with open(log, 'w') as f:                                                         # drop records past the checkpoint
+            f.writelines(r for r in lines if json.loads(r)['step'] <= state['step'])
         if not found:
             return {}
-        state = load_checkpoint(found[-1])
         load_weights(unwrap(model), state['model'])
         load_weights(ema, state['ema'])
         opt.load_state_dict(state['opt'])
@@ -574,6 +589,19 @@ def autocast(device, precision='bf16'):
     if precision == 'fp32' or device.type != 'cuda':
         return nullcontext()
     return torch.autocast('cuda', dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
+
+
+def model_flops(cfg, train=True):
+    """Forward FLOPs of one input through the SiT: 2 per multiply-add of every matmul and conv, attention's QK^T and AV
+    included; norms, softmax, elementwise ops and the frozen encoder not counted. A training step costs 3x (backward 2x)."""
+    D, E, P, p, C, M = cfg.hidden_size, cfg.encoder_dim, cfg.projector_dim, cfg.patch_size, cfg.in_channels, \
+        int(cfg.hidden_size * cfg.mlp_ratio)
+    T = (cfg.input_size // p) ** 2
+    N = T + (cfg.token != 'none')
+    block = 2 * N * (4 * D * D + 2 * D * M) + 4 * N * N * D + 12 * D * D                  # qkv+proj, MLP, attention, adaLN
+    io = 4 * T * p * p * C * D + 4 * D * D + 2 * (256 * D + D * D)                         # (un)patchify, final adaLN, t-MLP
+    repa = 2 * N * (D * P + P * P + P * E) if cfg.repa and train else 0                    # [REPA] projector (training only)
+    return cfg.depth * block + io + repa + (4 * E * D if cfg.token in ('cls', 'mean') else 0)  # [REG] token in and out
 
 
 def feature_stats(feats):

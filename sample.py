@@ -58,10 +58,10 @@ def generate(model, vae, enc, lo, hi, labels, args, device, bar):
         x = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g) for g in gs])
         c = torch.stack([torch.randn(cfg.encoder_dim, generator=g) for g in gs]).to(device) if model.entangled else None
         y = torch.tensor([labels[i % len(labels)] for i in idx], device=device)  # class-balanced: labels cycled
-        torch.manual_seed(seed_of(args.seed, first, 'sde'))                       # reg.sample draws SDE noise globally
-        with reg.autocast(device, args.precision):
+        noise = lambda u: torch.stack([torch.randn(u.shape[1:], generator=g, dtype=u.dtype) for g in gs]).to(u.device)
+        with reg.autocast(device, args.precision):                                # SDE noise: per sample too
             x, c = reg.sample(model, x.to(device), y, c, args.steps, args.mode.replace('ode', 'euler'), args.cfg_scale,
-                              args.cls_cfg_scale, (args.guidance_low, args.guidance_high), cfg.num_classes)
+                              args.cls_cfg_scale, (args.guidance_low, args.guidance_high), cfg.num_classes, noise=noise)
             x = (vae.decode(x / 0.18215).sample if vae else x).float().clamp(-1, 1)   # SD latents are scaled by 0.18215
         if enc:                                                                   # [REG] generated token vs the image's
             cos.append(torch.cosine_similarity(enc(x)[1].mean(1) if cfg.token == 'mean' else enc(x)[0], c).cpu())
@@ -102,9 +102,10 @@ def main(args):
         check(not enc or enc.dim == cfg.encoder_dim, f"--encoder is {enc and enc.dim}-d, the token {cfg.encoder_dim}-d")
         ref = args.data_dir if args.fd_ref == 'cifar10-train' else args.fd_ref    # FD reference: .npz or image folder
         check(not ref or os.path.exists(ref), f"--fd-ref {ref!r} (--data-dir for cifar10-train) does not exist")
-        fd_enc = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device) if ref else None
+        fd_enc = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device, '--fd-encoder-weights') if ref \
+            else None
     except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"sample.py: {e}".replace('as --encoder-weights', 'as --(fd-)encoder-weights')) from None
+        raise SystemExit(f"sample.py: {e}") from None
     stats, bar = dict(nfe=0), tqdm(disable=True)                                  # nfe: network evaluations x batch
     model.register_forward_pre_hook(lambda m, inputs: stats.update(nfe=stats['nfe'] + len(inputs[0])))
     run = lambda lo, hi: generate(model, vae, enc, lo, hi, labels, args, device, bar)
@@ -172,9 +173,8 @@ def parse_args(argv=None):
     a('--guidance-low', type=float, default=0.0, help="CFG only where t >= this (default: 0, the paper)")
     a('--guidance-high', type=float, default=1.0, help="CFG only where t <= this (default: 1; paper with CFG: 0.85)")
     a('--paper', action='store_true', help="the paper's CFG run: " + ', '.join(f'{k}={v}' for k, v in PAPER.items()))
-    a('--seed', type=int, default=0, help="sample i's starting noise (image, token) depends only on (seed, i), so ODE/"
-      "Heun samples ignore batching, shards, resumes and GPU count; SDE noise is seeded per batch from (seed, first "
-      "index): SDE samples repeat for the same --batch-size, --shard-size and kind of device (default: 0)")
+    a('--seed', type=int, default=0, help="sample i's noise (start and SDE steps, image and token) depends only on "
+      "(seed, i): samples ignore batching, shards, resumes and GPU count (default: 0)")
     a('--batch-size', type=int, default=64, help="samples per forward pass (default: 64)")
     a('--device', help="default: cuda, then mps, then cpu")
     a('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'], help="autocast on GPUs (default: fp32, exact)")

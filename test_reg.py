@@ -600,6 +600,17 @@ def test_run_resume_restores_weights_optimizer_and_rng(tmp_path):
     assert torch.equal(step()['loss'], expect)
 
 
+@pytest.mark.parametrize('method', ['sit', 'reg'])
+def test_flop_count_matches_torch_flop_counter(method):
+    from torch.utils.flop_counter import FlopCounterMode
+    model = reg.make_model('SiT-Ti/2', method, input_size=16, in_channels=3, num_classes=10, encoder_dim=96)
+    x, t, y, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 96)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y, c if model.entangled else None)
+    attention = model.cfg.depth * 4 * (64 + model.extra) ** 2 * 128     # QK^T and AV: CPU SDPA is not counted by torch
+    assert reg.model_flops(model.cfg) - attention == pytest.approx(counter.get_total_flops() / 2, rel=1e-3)
+
+
 def test_frechet_distance_closed_form():
     d, mu = 6, torch.arange(6, dtype=torch.float64) / 3
     a = (torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))

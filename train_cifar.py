@@ -73,18 +73,6 @@ def build_cache(path, enc, images, bs, device, ctx):
     print(f"feature cache: the encoder took {np.median(ms):.0f} ms per batch of {bs}; each training step now skips it")
 
 
-def sit_flops(cfg, extra):
-    """Forward FLOPs of one image through the SiT: 2 per multiply-add of every matmul and conv, attention's QK^T and AV
-    included; elementwise ops, norms, softmax and the frozen encoder not counted. Training costs 3x (backward = 2x)."""
-    D, E, P, p, C = cfg.hidden_size, cfg.encoder_dim, cfg.projector_dim, cfg.patch_size, cfg.in_channels
-    M = int(D * cfg.mlp_ratio)
-    N = (T := (cfg.input_size // p) ** 2) + extra
-    block = 2 * N * (4 * D * D + 2 * D * M) + 4 * N * N * D + 12 * D * D                # qkv+proj, MLP, attention, adaLN
-    io = 4 * T * p * p * C * D + 4 * D * D + 2 * (256 * D + D * D)                        # (un)patchify, final adaLN, t-MLP
-    repa = 2 * N * (D * P + P * P + P * E) if cfg.repa else 0                             # projector (training only)
-    return cfg.depth * block + io + repa + (4 * E * D if cfg.token in ('cls', 'mean') else 0)
-
-
 def main(args):
     try:
         return train(args)
@@ -139,18 +127,7 @@ def train(args):
     run, found, step, log_path = reg.Run(out, args.keep), reg.list_checkpoints(out), 0, os.path.join(out, 'log.jsonl')
     if found and not args.resume:
         raise SystemExit(f"{out} holds checkpoints already: pass --resume to continue that run, or --out another folder")
-    if found:
-        old = reg.load_checkpoint(found[-1])                  # corrupt -> ValueError naming the file
-        diff = [f"--{k.replace('_', '-')}: checkpoint {old['args'].get(k)!r}, now {getattr(args, k)!r}"
-                for k in MUST_MATCH if old['args'].get(k) != getattr(args, k)]
-        diff += [f"{k}: checkpoint {v!r}, now {getattr(model.cfg, k)!r}" for k, v in old['config'].items()
-                 if getattr(model.cfg, k) != v]                # e.g. another image size or number of classes
-        if diff:
-            raise SystemExit(f"{found[-1]} comes from another configuration:\n  " + "\n  ".join(diff) +
-                             "\nresume with the original flags, or start a new run with another --out")
-        step = run.resume(model, ema, opt, scaler)['step']
-    lines = open(log_path).readlines() if os.path.isfile(log_path) else []   # keep records up to the checkpoint only
-    open(log_path, 'w').writelines(r for r in lines if found and json.loads(r)['step'] <= step)
+    step = run.resume(model, ema, opt, scaler, {k: getattr(args, k) for k in MUST_MATCH}).get('step', 0)  # or other
     print(f"run {out}: {args.method}, {args.model}, {N} images {size}x{size}, {K} classes, {device}, from step {step}")
     fixed, state, stop = torch.Generator().manual_seed(args.seed), {}, []     # fixed: the same noise for every grid
     noise = [torch.randn(K * 8, *s, generator=fixed).to(device) for s in ((3, size, size), (model.cfg.encoder_dim,))]
@@ -244,7 +221,7 @@ def bench(args, model, ema, opt, batch_at, loss_fn, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step(), reg.ema_update(ema, model, args.ema)
         times.append([t1 - t0, t2 - t1, (sync() or time.perf_counter()) - t2])
     t = np.median(np.array(times[3:]), axis=0) * 1e3                                      # ms: encoder, fwd+bwd, opt
-    tflops = 3 * sit_flops(model.cfg, model.extra) * args.batch_size / t.sum() / 1e9
+    tflops = 3 * reg.model_flops(model.cfg) * args.batch_size / t.sum() / 1e9
     name = torch.cuda.get_device_name() if cuda else 'cpu'
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0)
     mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
