@@ -59,11 +59,10 @@ class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> 256-d sinusoid of t itself ([cos, sin]) -> MLP -> (B, D)."""
     def __init__(self, dim, freq_dim=256):
         super().__init__()
-        self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        half = self.freq_dim // 2
+        half = self.mlp[0].in_features // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angle = t.float()[:, None] * freqs[None]                                          # (B, 128)
         return self.mlp(torch.cat([angle.cos(), angle.sin()], dim=-1))                    # (B, D)
@@ -179,11 +178,10 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def basic(m):
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.apply(basic)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))                                   # the patch conv as a matrix
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -206,8 +204,8 @@ class SiT(nn.Module):
         h = rearrange(self.x_embedder.proj(x), 'b d h w -> b (h w) d')                    # (B, T, D)
         if self.entangled:
             if cls is None or cls.shape != (B, cfg.encoder_dim):                          # [REG]
-                raise ValueError(f"REG needs the noised token of shape (B, E) = ({B}, {cfg.encoder_dim}), got "  # [REG]
-                                 f"{None if cls is None else tuple(cls.shape)}: the encoder width must equal encoder_dim")  # [REG]
+                raise ValueError(f"the REG token must be (B, E) = ({B}, {cfg.encoder_dim}), got {getattr(cls, 'shape', None)}:"
+                                 f" the encoder width must equal encoder_dim")                               # [REG]
             tok = self.token_norm(self.token_embedder(cls))[:, None]                      # [REG] (B, 1, D)
             h = torch.cat([tok, h], dim=1)                                                # [REG] (B, 1+T, D)
         elif self.extra:
@@ -326,19 +324,18 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path='linear', weighti
     bx = lambda a: a.view(B, 1, 1, 1)
     eps = torch.randn_like(x)                                                             # (B, C, H, W)
     x_t, v = bx(alpha) * x + bx(sigma) * eps, bx(d_alpha) * x + bx(d_sigma) * eps         # (B, C, H, W)
-    c = c_t = v_c = None
-    if feats is not None:
-        c = feats[1].mean(1) if cfg.token == 'mean' else feats[0]                         # [REG] (B, E) the token to entangle
+    c = None if feats is None else feats[1].mean(1) if cfg.token == 'mean' else feats[0]  # [REG] (B, E) the token
+    c_t = v_c = None
     if cfg.token in ('cls', 'mean'):
         eps_c = torch.randn_like(c)                                                       # [REG] its own noise, same t
         c_t = alpha[:, None] * c + sigma[:, None] * eps_c                                 # [REG] (B, E)
         v_c = d_alpha[:, None] * c + d_sigma[:, None] * eps_c                             # [REG] (B, E)
     y = torch.where(torch.rand(B, device=y.device) < label_dropout, cfg.num_classes, y)   # CFG: drop labels to null
     v_hat, v_c_hat, z_hat = model(x_t, t, y, c_t)
-    zero = x.new_zeros(())
     denoise = (v_hat.float() - v).pow(2).mean()
-    token = (v_c_hat.float() - v_c).pow(2).mean() if v_c_hat is not None else zero       # [REG]
-    align = zero
+    token = align = x.new_zeros(())
+    if v_c_hat is not None:
+        token = (v_c_hat.float() - v_c).pow(2).mean()                                     # [REG]
     if z_hat is not None:
         z = torch.cat([c[:, None], feats[1]], dim=1) if z_hat.shape[1] == T + 1 else feats[1]  # [REG] align slot 0 too
         align = -(F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()  # [REPA]
@@ -452,10 +449,7 @@ def load_weights(model, sd):
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        try:
-            fit = asdict(config_from_state_dict(sd))
-        except Exception:
-            fit = 'unknown'
+        fit = asdict(config_from_state_dict(sd)) if 'x_embedder.proj.weight' in sd else 'unknown'
         raise ValueError("checkpoint does not fit the model:" + "".join(
             f"\n  {what} ({len(ks)}): {', '.join(ks[:6])}{' ...' if len(ks) > 6 else ''}" for what, ks in
             (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if ks)
@@ -534,8 +528,10 @@ class Run:
             f.write(json.dumps({k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}) + '\n')
 
     def save(self, step, model, ema, opt, scaler=None, **extra):
-        state = dict(model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                     config=asdict(unwrap(model).cfg), rng=rng_state(), scaler=scaler and scaler.state_dict(), **extra)
+        rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        state = dict(model=unwrap(model).state_dict(), rng=rng, ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                     config=asdict(unwrap(model).cfg), scaler=scaler and scaler.state_dict(), **extra)
         save_checkpoint(os.path.join(self.folder, f'{step:07d}.pt'), state, self.keep)
 
     def resume(self, model, ema, opt, scaler=None, must_match=None):
@@ -562,20 +558,11 @@ class Run:
         opt.load_state_dict(state['opt'])
         if scaler is not None and state.get('scaler'):
             scaler.load_state_dict(state['scaler'])
-        set_rng_state(state['rng'])
+        torch.set_rng_state(state['rng']['torch'])
+        random.setstate(state['rng']['python'])
+        if state['rng']['cuda'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state['rng']['cuda'])
         return state
-
-
-def rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), cuda=cuda)
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    if state.get('cuda') and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def pick_device(name=None):
@@ -604,11 +591,6 @@ def model_flops(cfg, train=True):
     return cfg.depth * block + io + repa + (4 * E * D if cfg.token in ('cls', 'mean') else 0)  # [REG] token in and out
 
 
-def feature_stats(feats):
-    """(N, F) features -> (mean, covariance) in float64, for the Frechet distance."""
-    return feats.double().mean(0), torch.cov(feats.double().T)
-
-
 def frechet_distance(a, b):
     """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), the trace of the root taken through symmetric eigenvalues."""
     (mu1, s1), (mu2, s2) = a, b
@@ -624,8 +606,8 @@ def encoder_stats(encoder, batches, cache=None):
     is FD_DINOv2's feature space (Stein et al. 2023). Cached to the file `cache` when given."""
     if cache and os.path.isfile(cache):
         return tuple(torch.load(cache, weights_only=True))
-    feats = torch.cat([encoder(b.to(encoder.mean.device))[0].cpu() for b in batches])     # (N, E)
-    stats = feature_stats(feats)
+    feats = torch.cat([encoder(b.to(encoder.mean.device))[0].cpu() for b in batches]).double()  # (N, E)
+    stats = feats.mean(0), torch.cov(feats.T)
     if cache:
         save_checkpoint(cache, list(stats))
     return stats
