@@ -3,8 +3,7 @@ REG: Representation Entanglement for Generation, in one file.
 
 Papers:  REG   Wu et al., NeurIPS 2025          https://arxiv.org/abs/2507.01467
          REPA  Yu et al., ICLR 2025             https://arxiv.org/abs/2410.06940
-         SiT   Ma et al., ECCV 2024             https://arxiv.org/abs/2401.08740
-         DiT   Peebles & Xie, ICCV 2023         https://arxiv.org/abs/2212.09748 (adaLN-Zero blocks)
+         SiT   Ma et al., ECCV 2024             https://arxiv.org/abs/2401.08740 (on DiT's adaLN-Zero blocks, 2212.09748)
 
 A SiT transformer predicts the velocity of a noised image x_t. REPA aligns the hidden states of an early block with the
 patch features z of a frozen DINOv2. REG prepends ONE token to the patch tokens: the DINOv2 class token c of the same
@@ -35,13 +34,8 @@ def modulate(h, shift, scale):
     return h * (1 + scale) + shift
 
 
-def patchify(x, p):
-    """(B, C, H, W) -> (B, T, p*p*C), each token laid out (row in patch, column in patch, channel), channel fastest."""
-    return rearrange(x, 'b c (h p) (w q) -> b (h w) (p q c)', p=p, q=p)
-
-
 def unpatchify(x, p, grid):
-    """(B, T, p*p*C) -> (B, C, H, W), the inverse of patchify."""
+    """(B, T, p*p*C) -> (B, C, H, W); each token is laid out (row in patch, column in patch, channel), channel fastest."""
     return rearrange(x, 'b (h w) (p q c) -> b c (h p) (w q)', h=grid, p=p, q=p)
 
 
@@ -55,17 +49,11 @@ def sincos_pos_embed(dim, grid):
     return torch.cat([embed(cols), embed(rows)], dim=1).float()                           # (T, D)
 
 
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> 256-d sinusoid of t itself ([cos, sin]) -> MLP -> (B, D)."""
-    def __init__(self, dim, freq_dim=256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):
-        half = self.mlp[0].in_features // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angle = t.float()[:, None] * freqs[None]                                          # (B, 128)
-        return self.mlp(torch.cat([angle.cos(), angle.sin()], dim=-1))                    # (B, D)
+def timestep_embedding(t, dim=256):
+    """t in [0, 1] -> (B, 256) sinusoid of t itself (not 1000 t), cos first; an MLP follows in the model."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))  # (128,)
+    angle = t.float()[:, None] * freqs[None]                                              # (B, 128)
+    return torch.cat([angle.cos(), angle.sin()], dim=-1)                                  # (B, 256)
 
 
 class Attention(nn.Module):
@@ -155,13 +143,12 @@ class SiT(nn.Module):
             raise ValueError(f"input_size {cfg.input_size} is not a multiple of patch_size {cfg.patch_size}")
         if cfg.repa and not 1 <= cfg.encoder_depth <= cfg.depth:
             raise ValueError(f"encoder_depth {cfg.encoder_depth} must lie in 1..depth ({cfg.depth})")
-        self.cfg, D, E = cfg, cfg.hidden_size, cfg.encoder_dim
-        self.grid = cfg.input_size // cfg.patch_size
+        self.cfg, self.grid, D, E = cfg, cfg.input_size // cfg.patch_size, cfg.hidden_size, cfg.encoder_dim
         self.entangled = cfg.token in ('cls', 'mean')                                     # [REG] token is noised and denoised
         self.extra = int(cfg.token != 'none')                                             # [REG] 1 token slot before the patches
-        self.x_embedder, self.y_embedder = nn.Module(), nn.Module()                       # named as in DiT/SiT checkpoints
+        self.x_embedder, self.t_embedder, self.y_embedder = nn.Module(), nn.Module(), nn.Module()  # DiT/SiT names
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.y_embedder.embedding_table = nn.Embedding(cfg.num_classes + 1, D)            # row K: the null label (CFG)
         if self.entangled:
             self.token_embedder = nn.Linear(E, D)                                         # [REG] W_c: E -> D
@@ -211,7 +198,7 @@ class SiT(nn.Module):
         elif self.extra:
             h = torch.cat([self.learned_token.expand(B, -1, -1), h], dim=1)               # [REG] (B, 1+T, D)
         h = h + self.pos_embed                                                            # (B, N, D), N = extra+T
-        c = self.t_embedder(t) + self.y_embedder.embedding_table(y)                       # (B, D)
+        c = self.t_embedder.mlp(timestep_embedding(t)) + self.y_embedder.embedding_table(y)  # (B, D)
         z_proj = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                                               # (B, N, D)
@@ -233,8 +220,7 @@ class FrozenEncoder(nn.Module):
     def __init__(self, net, grid):
         super().__init__()
         self.net, self.grid = net.eval().requires_grad_(False), grid
-        self.vit = hasattr(net, 'patch_embed')
-        pcfg, self.dim = net.pretrained_cfg, net.num_features
+        self.vit, pcfg, self.dim = hasattr(net, 'patch_embed'), net.pretrained_cfg, net.num_features
         self.register_buffer('mean', torch.tensor(pcfg['mean']).view(1, 3, 1, 1), persistent=False)  # as it was trained
         self.register_buffer('std', torch.tensor(pcfg['std']).view(1, 3, 1, 1), persistent=False)
         # a ViT sees images resized so that its patch grid is the SiT grid; a CNN its own size, its map resampled
@@ -374,8 +360,7 @@ def sample(model, x, y, cls=None, steps=250, mode='sde', cfg_scale=1.0, cls_cfg_
     `noise(state)` draws the SDE's noise (default: the global RNG; pass per-sample generators for shard-proof seeds)."""
     if mode not in ('sde', 'euler', 'heun') or steps < 1:
         raise ValueError(f"sampler mode must be 'sde', 'euler' or 'heun' and steps >= 1, got {mode!r}, {steps}")
-    dtype = x.dtype
-    state_dtype = state_dtype or (torch.float64 if x.device.type == 'cpu' else torch.float32)  # float64 is slow on GPUs
+    dtype, state_dtype = x.dtype, state_dtype or (torch.float64 if x.device.type == 'cpu' else torch.float32)  # f64: slow on GPUs
     cls_cfg_scale = cfg_scale if cls_cfg_scale is None else cls_cfg_scale
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64) if mode != 'sde' else \
         torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
@@ -502,11 +487,9 @@ def train_step(model, ema, opt, micro_losses, clip=1.0, ema_decay=0.9999, scaler
     opt.zero_grad(set_to_none=True)
     outs = []
     for i, micro in enumerate(micro_losses):
-        last = i == len(micro_losses) - 1
-        with nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync():
+        with model.no_sync() if hasattr(model, 'no_sync') and i < len(micro_losses) - 1 else nullcontext():
             out = micro()
-            loss = out['loss'] / len(micro_losses)
-            scaler.scale(loss).backward()
+            scaler.scale(out['loss'] / len(micro_losses)).backward()
         outs.append({k: v.detach() for k, v in out.items()})
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -566,9 +549,12 @@ class Run:
 
 
 def pick_device(name=None):
-    """--device default: cuda, then mps, then cpu."""
+    """--device default: cuda (under torchrun: this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
     mps = torch.backends.mps.is_available()
-    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'))
+    device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'))
+    if device.type == 'cuda' and device.index is None and 'LOCAL_RANK' in os.environ:
+        torch.cuda.set_device(device := torch.device('cuda', int(os.environ['LOCAL_RANK'])))
+    return device
 
 
 def autocast(device, precision='bf16'):

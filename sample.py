@@ -89,7 +89,6 @@ def main(args):
     if ddp := 'RANK' in os.environ:                                               # launched by torchrun
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', timeout=datetime.timedelta(hours=12))
         atexit.register(dist.destroy_process_group)
-        torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) if torch.cuda.is_available() else None
     rank, world, device = int(os.getenv('RANK', 0)), int(os.getenv('WORLD_SIZE', 1)), reg.pick_device(args.device)
     try:                                                                          # reg's errors: one line, no trace
         model = load_model(args).to(device).eval()

@@ -9,10 +9,16 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 import reg
 
 OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), 'tests', 'official_keys_sit_xl2_reg.json')
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, T, p*p*C), the layout unpatchify inverts: (row in patch, column in patch, channel)."""
+    return rearrange(x, 'b c (h p) (w q) -> b (h w) (p q c)', p=p, q=p)
 
 
 def tiny(method='reg', **kw):
@@ -79,12 +85,12 @@ def test_every_preset_builds_and_runs(preset):
 def test_patchify_round_trip_and_channel_fastest_layout():
     x = torch.randn(2, 3, 8, 12)
     p = 2
-    tokens = reg.patchify(x, p)                                               # (2, 4*6, 2*2*3)
+    tokens = patchify(x, p)                                               # (2, 4*6, 2*2*3)
     assert tokens.shape == (2, 24, 12)
     i, j, r, s, c = 1, 4, 1, 0, 2                                             # token (row 1, col 4), pixel (1, 0), channel 2
     assert tokens[1, i * 6 + j, (r * p + s) * 3 + c] == x[1, c, i * p + r, j * p + s]
     sq = torch.randn(2, 3, 8, 8)
-    assert torch.equal(reg.unpatchify(reg.patchify(sq, p), p, 4), sq)
+    assert torch.equal(reg.unpatchify(patchify(sq, p), p, 4), sq)
 
 
 def test_patch_conv_is_a_linear_map_on_the_patchified_layout():
@@ -92,7 +98,7 @@ def test_patch_conv_is_a_linear_map_on_the_patchified_layout():
     x = torch.randn(2, 3, 8, 8)
     w, b = m.x_embedder.proj.weight, m.x_embedder.proj.bias                   # (D, C, p, p)
     via_conv = m.x_embedder.proj(x).flatten(2).transpose(1, 2)                # (B, T, D)
-    via_linear = reg.patchify(x, 2) @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).T + b
+    via_linear = patchify(x, 2) @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).T + b
     torch.testing.assert_close(via_conv, via_linear, atol=1e-5, rtol=1e-5)
 
 
@@ -117,7 +123,7 @@ def reference_forward(m, x, t, y, cls):
     gelu = lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
     silu = lambda h: h * torch.sigmoid(h)
     w = P('x_embedder.proj.weight')
-    patches = reg.patchify(x, p) @ w.permute(0, 2, 3, 1).reshape(D, -1).T + P('x_embedder.proj.bias')
+    patches = patchify(x, p) @ w.permute(0, 2, 3, 1).reshape(D, -1).T + P('x_embedder.proj.bias')
     tok = ln(lin(cls, 'token_embedder')) * P('token_norm.weight') + P('token_norm.bias')
     h = torch.cat([tok[:, None], patches], 1) + m.pos_embed
     freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_interrupted_preparation_is_refused_then_resumed(root, tmp_path):
     assert [os.stat(prep / f'shard_0000{i}.pt').st_mtime_ns for i in range(2)] == before    # finished shards skipped
     again = load(prep / 'shard_00002.pt')
     assert all(torch.equal(last[k], again[k]) for k in last)
-    assert json.load(open(prep / 'manifest.json'))['done'] == [0, 1, 2]
+    assert json.load(open(prep / 'manifest.json'))['done'] == [f'shard_0000{i}.pt' for i in range(3)]
 
 
 def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
@@ -97,7 +98,7 @@ def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
         ti.main(['prepare', '--data', str(tmp_path / 'flat'), '--out', str(tmp_path / 'p0')])
     shutil.copytree(root / 'images', tmp_path / 'small')
     Image.new('RGB', (20, 30)).save(tmp_path / 'small' / 'n01' / 'tiny.png')
-    with pytest.raises(SystemExit, match=r'tiny\.png is 20x30.*--upscale'):
+    with pytest.raises(SystemExit, match=r'tiny\.png: it is 20x30.*--upscale'):
         ti.main(['prepare', '--data', str(tmp_path / 'small'), '--out', str(tmp_path / 'p1'), '--resolution', '32',
                  '--vae', str(root / 'vae'), '--workers', '0'])
     with pytest.raises(SystemExit, match='--vae'):
@@ -122,25 +123,40 @@ def ddp_worker(rank, port, argv):
 
 def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
     one = str(tmp_path / 'one')
-    args = ['train', '--data', str(root / 'prep'), *TINY, '--steps', '2', '--log-every', '1']
+    args = ['train', '--data', str(root / 'prep'), *TINY, '--steps', '3', '--log-every', '1']
     ti.main([*args, '--out', one, '--sample-every', '2', '--sample-steps', '2', '--vae', str(root / 'vae')])
-    assert os.path.isfile(os.path.join(one, 'samples', '0000002.png'))
-    assert [json.loads(l)['step'] for l in open(os.path.join(one, 'log.jsonl'))] == [1, 2]
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    two = str(tmp_path / 'two')                   # forked, not spawned: the children skip importing torch and timm again
-    torch.multiprocessing.start_processes(ddp_worker, (port, [*args, '--out', two]), nprocs=2, start_method='fork')
-    (m1, e1), (m2, e2) = weights(one, 2), weights(two, 2)
+    assert os.path.isfile(os.path.join(one, 'samples_0000002.png'))
+    assert [json.loads(l)['step'] for l in open(os.path.join(one, 'log.jsonl'))] == [1, 2, 3]
+    two = str(tmp_path / 'two')                   # 1 step, then resumed to 3: every rank must resume its optimiser too
+    for steps in (['--steps', '1'], ['--steps', '3', '--resume']):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]             # forked, not spawned: the children skip importing torch and timm
+        torch.multiprocessing.start_processes(ddp_worker, (port, [*args[:-4], *steps, '--log-every', '1', '--out', two]),
+                                              nprocs=2, start_method='fork')
+    (m1, e1), (m2, e2) = weights(one, 3), weights(two, 3)
     init = reg.make_model('SiT-Ti/2', input_size=4, num_classes=3, encoder_dim=384).state_dict()
     assert any(not torch.allclose(m1[k], init[k]) for k in m1)                            # it did train
     for a, b in ((m1, m2), (e1, e2)):
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), 'DDP run differs from the one-process run'
     part = str(tmp_path / 'part')
     ti.main([*args[:-4], '--steps', '1', '--out', part])
-    ti.main([*args[:-4], '--steps', '2', '--out', part, '--resume'])
-    m3, e3 = weights(part, 2)
+    ti.main([*args[:-4], '--steps', '3', '--out', part, '--resume'])
+    m3, e3 = weights(part, 3)
     assert all(torch.equal(m1[k], m3[k]) and torch.equal(e1[k], e3[k]) for k in m1), 'resume is not exact'
+
+
+def test_ctrl_c_finishes_the_step_and_saves(root, tmp_path, monkeypatch):
+    calls, train_step = [], reg.train_step
+    def step_then_ctrl_c(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return out
+    monkeypatch.setattr(reg, 'train_step', step_then_ctrl_c)
+    ti.main(['train', '--data', str(root / 'prep'), '--out', str(tmp_path), *TINY, '--steps', '9', '--log-every', '5'])
+    assert len(calls) == 1 and [os.path.basename(p) for p in reg.list_checkpoints(str(tmp_path))] == ['0000001.pt']
 
 
 def test_nonfinite_loss_stops_without_saving_it(root, tmp_path):
