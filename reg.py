@@ -150,18 +150,18 @@ class SiT(nn.Module):
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size)
         self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.y_embedder.embedding_table = nn.Embedding(cfg.num_classes + 1, D)            # row K: the null label (CFG)
-        if self.entangled:
+        if self.entangled:                                                                # [REG]
             self.token_embedder = nn.Linear(E, D)                                         # [REG] W_c: E -> D
             self.token_norm = nn.LayerNorm(D, eps=1e-6)                                   # [REG] LN with affine
-        if cfg.token == 'learned':
+        if cfg.token == 'learned':                                                        # [REG]
             self.learned_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)                # [REG] ablation: learnable token
         pos = torch.cat([torch.zeros(self.extra, D), sincos_pos_embed(D, self.grid)])     # [REG] zero row for the token slot
         self.pos_embed = nn.Parameter(pos[None], requires_grad=False)                     # (1, extra+T, D)
         self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
-        if cfg.repa:
+        if cfg.repa:                                                                      # [REPA]
             P = cfg.projector_dim                                                         # [REPA]
             self.projector = nn.Sequential(nn.Linear(D, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(), nn.Linear(P, E))  # [REPA]
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, E if self.entangled else None)
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, E if self.entangled else None) # [REG]
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -189,17 +189,17 @@ class SiT(nn.Module):
             raise ValueError(f"the model expects inputs of shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}),"
                              f" got {tuple(x.shape)}: check the image size and channels, or build the model to match")
         h = rearrange(self.x_embedder.proj(x), 'b d h w -> b (h w) d')                    # (B, T, D)
-        if self.entangled:
+        if self.entangled:                                                                # [REG]
             if cls is None or cls.shape != (B, cfg.encoder_dim):                          # [REG]
                 raise ValueError(f"the REG token must be (B, E) = ({B}, {cfg.encoder_dim}), got {getattr(cls, 'shape', None)}:"
                                  f" the encoder width must equal encoder_dim")                               # [REG]
             tok = self.token_norm(self.token_embedder(cls))[:, None]                      # [REG] (B, 1, D)
             h = torch.cat([tok, h], dim=1)                                                # [REG] (B, 1+T, D)
-        elif self.extra:
+        elif self.extra:                                                                  # [REG]
             h = torch.cat([self.learned_token.expand(B, -1, -1), h], dim=1)               # [REG] (B, 1+T, D)
         h = h + self.pos_embed                                                            # (B, N, D), N = extra+T
         c = self.t_embedder.mlp(timestep_embedding(t)) + self.y_embedder.embedding_table(y)  # (B, D)
-        z_proj = None
+        z_proj = None                                                                     # [REPA]
         for i, block in enumerate(self.blocks):
             h = block(h, c)                                                               # (B, N, D)
             if cfg.repa and self.training and i + 1 == cfg.encoder_depth:                 # [REPA]
@@ -311,8 +311,8 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path='linear', weighti
     eps = torch.randn_like(x)                                                             # (B, C, H, W)
     x_t, v = bx(alpha) * x + bx(sigma) * eps, bx(d_alpha) * x + bx(d_sigma) * eps         # (B, C, H, W)
     c = None if feats is None else feats[1].mean(1) if cfg.token == 'mean' else feats[0]  # [REG] (B, E) the token
-    c_t = v_c = None
-    if cfg.token in ('cls', 'mean'):
+    c_t = v_c = None                                                                      # [REG]
+    if cfg.token in ('cls', 'mean'):                                                      # [REG]
         eps_c = torch.randn_like(c)                                                       # [REG] its own noise, same t
         c_t = alpha[:, None] * c + sigma[:, None] * eps_c                                 # [REG] (B, E)
         v_c = d_alpha[:, None] * c + d_sigma[:, None] * eps_c                             # [REG] (B, E)
@@ -320,9 +320,9 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path='linear', weighti
     v_hat, v_c_hat, z_hat = model(x_t, t, y, c_t)
     denoise = (v_hat.float() - v).pow(2).mean()
     token = align = x.new_zeros(())
-    if v_c_hat is not None:
+    if v_c_hat is not None:                                                               # [REG]
         token = (v_c_hat.float() - v_c).pow(2).mean()                                     # [REG]
-    if z_hat is not None:
+    if z_hat is not None:                                                                 # [REPA]
         z = torch.cat([c[:, None], feats[1]], dim=1) if z_hat.shape[1] == T + 1 else feats[1]  # [REG] align slot 0 too
         align = -(F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()  # [REPA]
     return dict(loss=denoise + beta * token + lam * align, denoise=denoise, token=token, align=align)
