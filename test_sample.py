@@ -15,15 +15,6 @@ import sample
 ENC = 'test_vit'                                                                  # tiny timm ViT (64-d), random weights
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models: thread hand-offs cost more than the arithmetic (20x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
     """Our checkpoint layout (reg.Run.save) of a tiny REG model on 8x8 RGB inputs, 4 classes, 64-d token."""

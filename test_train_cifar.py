@@ -38,15 +38,6 @@ def log(out):
     return [json.loads(line) for line in open(out / 'log.jsonl')]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation (up to 70x slower on a 2-core VM)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp('data'))

@@ -28,15 +28,11 @@ def prepare(root, out, *extra):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def fast():
-    """One thread (tiny models run fastest so, and a busy CI box makes two much slower); one random encoder built once
-    (it is frozen, so runs can share it; building it is most of a short run's time on CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def shared_encoder():
+    """One random encoder built once (it is frozen, so runs can share it; building it is most of a short run's time)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reg, 'load_encoder', functools.lru_cache(reg.load_encoder))
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
