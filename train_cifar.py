@@ -4,8 +4,8 @@ Train REG (or a baseline: --method sit / repa / reg-noalign / ...) on CIFAR-10 o
 GPU, about an hour on one H100-class card (SiT-B/2 on 32x32 pixels, DINOv2 ViT-B/14 at 224px as the frozen encoder):
     python train_cifar.py --data-dir data/cifar10
 CPU, learning within minutes (tiny model, the encoder run once into a feature cache, a subset, small batches):
-    OMP_NUM_THREADS=1 python train_cifar.py --data-dir cifar/train --model SiT-Ti/4 --projector-dim 256 --limit 1000 \
-        --batch-size 32 --cache-features --encoder tf_efficientnet_lite0 --encoder-weights <file>.safetensors
+    OMP_NUM_THREADS=1 python train_cifar.py --data-dir cifar/train --model SiT-Ti/4 --limit 1000 --batch-size 32 \\
+        --ema 0.999 --cache-features --encoder tf_efficientnet_lite0 --encoder-weights <file>.safetensors
 """
 import argparse, copy, json, math, os, resource, signal, time
 
@@ -59,7 +59,8 @@ def to_pixels(u8, flip):
 @torch.no_grad()
 def build_cache(path, enc, images, bs, device, ctx):
     """Run the frozen encoder once over every image and its mirror: (2, N, 1+T, E) float16 = [class token ; patches]."""
-    shape, _ = (2, len(images), 1 + enc.grid ** 2, enc.dim), os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    shape = (2, len(images), 1 + enc.grid ** 2, enc.dim)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     print(f"feature cache: encoding {len(images)} images x 2 flips -> {path} ({2 * math.prod(shape) / 1e9:.2f} GB)")
     store, ms = np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape), []
     for f in (0, 1):
@@ -69,7 +70,8 @@ def build_cache(path, enc, images, bs, device, ctx):
                 cls, patches = enc(to_pixels(x, torch.full((len(x),), f, device=device)))
             store[f, i:i + bs] = torch.cat([cls[:, None], patches], 1).half().cpu().numpy()  # the copy syncs the device
             ms.append((time.perf_counter() - t0) * 1000 * bs / len(x))
-    store.flush(), os.replace(path + '.tmp', path)
+    store.flush()
+    os.replace(path + '.tmp', path)                           # atomic: a cache is whole or absent
     print(f"feature cache: the encoder took {np.median(ms):.0f} ms per batch of {bs}; each training step now skips it")
 
 
@@ -82,7 +84,8 @@ def main(args):
 
 def train(args):
     torch.manual_seed(args.seed)
-    ctx = reg.autocast(device := reg.pick_device(args.device), args.precision)
+    device = reg.pick_device(args.device)
+    ctx = reg.autocast(device, args.precision)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for the fp32 parts on GPUs
     images, labels, classes = load_data(args)
     N, K, size, B, enc, cache = len(images), len(classes), images.shape[-1], args.batch_size, None, None
@@ -98,7 +101,8 @@ def train(args):
     model = reg.make_model(args.model, args.method, input_size=size, in_channels=3, num_classes=K,
                            encoder_dim=enc.dim if enc else cache.shape[-1] if cache is not None else 768,
                            **dict(projector_dim=args.projector_dim) if args.projector_dim else {}).to(device)
-    ema, cuda = copy.deepcopy(model).requires_grad_(False).eval(), device.type == 'cuda'
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    cuda = device.type == 'cuda'
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=cuda)
     scaler = torch.amp.GradScaler('cuda') if args.precision == 'fp16' and cuda else None
     net, per_epoch, order = torch.compile(model) if args.compile else model, N // B, {}
@@ -111,7 +115,8 @@ def train(args):
         if order.get('epoch') != epoch:
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             order.update(epoch=epoch, perm=torch.randperm(N, generator=g), flip=torch.randint(0, 2, (N,), generator=g))
-        flip = order['flip'][idx := order['perm'][i * B:(i + 1) * B]]
+        idx = order['perm'][i * B:(i + 1) * B]
+        flip = order['flip'][idx]
         x, y = to_pixels(images[idx.to(device)], flip.to(device)), labels[idx.to(device)]   # (B, 3, H, W), (B,)
         if cache is not None:                                 # the features of the flip this batch got
             tok = torch.from_numpy(cache[flip.numpy(), idx.numpy()]).to(device).float()   # (B, 1+T, E)
@@ -150,7 +155,8 @@ def train(args):
             x, y, feats = batch_at(step)
             state['last'] = reg.train_step(net, ema, opt, [lambda: loss_fn(x, y, feats)], clip=1.0, ema_decay=args.ema,
                                            scaler=scaler)          # the paper's gradient clip
-            step, _ = step + 1, bar.update()
+            step += 1
+            bar.update()
             if step % args.log_every == 0 or step == args.steps:
                 rec = dict(check(step), img_per_s=round((step - s_log) * B / (time.time() - t_log), 1))
                 run.log(step=step, **rec)
@@ -165,7 +171,8 @@ def train(args):
             if step % args.ckpt_every == 0 or step == args.steps or stop:
                 save(step)
     finally:
-        bar.close(), signal.signal(signal.SIGINT, sigint)
+        bar.close()
+        signal.signal(signal.SIGINT, sigint)
     plot_losses(log_path, os.path.join(out, 'losses.png'))
     return out
 
@@ -203,23 +210,33 @@ def plot_losses(log_path, png):
         import matplotlib.pyplot as plt
     except ImportError:
         return print("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
-    recs, (fig, axes) = [r for r in map(json.loads, open(log_path)) if 'loss' in r], plt.subplots(1, 4, figsize=(16, 4))
+    recs = [r for r in map(json.loads, open(log_path)) if 'loss' in r]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     for ax, k in zip(axes, ('loss', 'denoise', 'token', 'align')):
-        ax.plot([r['step'] for r in recs], [r[k] for r in recs]), ax.set_title(k), ax.set_xlabel('step')
-    fig.tight_layout(), fig.savefig(png), print(f"loss curves: {png}")
+        ax.plot([r['step'] for r in recs], [r[k] for r in recs])
+        ax.set(title=k, xlabel='step')
+    fig.tight_layout()
+    fig.savefig(png)
+    print(f"loss curves: {png}")
 
 
 def bench(args, model, ema, opt, batch_at, loss_fn, device):
     """--bench N: time N steps after 3 warm-up steps, split into encoder (or cache read), forward+backward, optimiser."""
-    cuda, times, sync = device.type == 'cuda', [], torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    cuda, times = device.type == 'cuda', []
+    def clock():                                              # wait for the GPU's queue, then read the time
+        torch.cuda.synchronize() if cuda else None
+        return time.perf_counter()
     for step in range(args.bench + 3):
-        t0, _ = time.perf_counter(), opt.zero_grad(set_to_none=True)
+        t0 = clock()
+        opt.zero_grad(set_to_none=True)
         x, y, feats = batch_at(step)
-        t1 = sync() or time.perf_counter()                    # sync() returns None: `or` reads the clock after it
+        t1 = clock()
         loss_fn(x, y, feats)['loss'].backward()               # (timed without fp16's loss scaling)
-        t2 = sync() or time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step(), reg.ema_update(ema, model, args.ema)
-        times.append([t1 - t0, t2 - t1, (sync() or time.perf_counter()) - t2])
+        t2 = clock()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        reg.ema_update(ema, model, args.ema)
+        times.append([t1 - t0, t2 - t1, clock() - t2])
     t = np.median(np.array(times[3:]), axis=0) * 1e3                                      # ms: encoder, fwd+bwd, opt
     tflops = 3 * reg.model_flops(model.cfg) * args.batch_size / t.sum() / 1e9
     name = torch.cuda.get_device_name() if cuda else 'cpu'
