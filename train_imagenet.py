@@ -1,13 +1,12 @@
 """
 Train REG on ImageNet 256 or 512 in SD-VAE latent space (REG Sec. 4), from a class subset on one GPU to many nodes.
-  prepare  ImageFolder -> ADM centre crops + SD-VAE posteriors (mean, std) in a few shards with a manifest.json.
-           Resumable (finished shards are skipped); under torchrun each process encodes every WORLD_SIZE-th shard.
+  prepare  ImageFolder -> ADM centre crops + SD-VAE posteriors (mean, std) in shards with a manifest.json; resumable
+           (finished shards are skipped); under torchrun each process encodes every WORLD_SIZE-th shard.
   train    the paper's recipe: SiT-XL/2, DINOv2-B, lambda 0.5, beta 0.03, AdamW 1e-4, global batch 256, EMA 0.9999.
            `python` on one GPU, `torchrun` for DDP; gradient accumulation keeps the global batch on fewer GPUs.
     python train_imagenet.py prepare --data ~/imagenet/train --out data/in10 --classes 10
     python train_imagenet.py train --data data/in10 --out runs/in10 --preset SiT-B/2 --micro-batch 128
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-endpoint HOST:29500 train_imagenet.py train --data data/in256
-    python train_imagenet.py train --synthetic --bench 20 --preset SiT-B/2 --encoder-weights random   # speed only
 """
 import argparse, copy, json, math, os, signal, time
 from functools import lru_cache, partial
@@ -145,7 +144,8 @@ def train(args):
         raise SystemExit(f"--global-batch {G} is not a multiple of --micro-batch x processes ({micro} x {world}): "
                          f"pick a --micro-batch and a GPU count whose product divides {G}")
     cuda = (device := reg.pick_device(args.device)).type == 'cuda'
-    dist.init_process_group('nccl' if cuda else 'gloo') if ddp else None
+    if ddp:
+        dist.init_process_group('nccl' if cuda else 'gloo')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # TF32 matmuls: free speed
     shards, meta = synthetic(G, args.resolution) if args.synthetic else load_prepared(args.data)
     if (n := int((starts := torch.tensor([0] + [len(s['labels']) for s in shards]).cumsum(0))[-1])) < G:
@@ -205,11 +205,14 @@ def train(args):
             out = reg.train_step(model, ema, opt, [partial(micro_loss, step, idx[j:j + micro], lo + j)
                                                    for j in range(0, per, micro)], args.clip, args.ema, scaler)
             times += [(marks['start'], marks['enc'], marks['opt'], clock())] if args.bench else []
-            acc, done, _ = {k: acc.get(k, 0) + v.float() for k, v in out.items()}, step + 1, bar.update()
+            acc = {k: acc.get(k, 0) + v.float() for k, v in out.items()}                # summed on the device
+            done = step + 1
+            bar.update()
             if args.bench or done % args.log_every and done % args.ckpt_every and done < total and (ddp or not stop):
                 continue                                   # a log step; under DDP the ranks agree on a stop only here
             vals = torch.stack([*acc.values(), torch.tensor(float(bool(stop)), device=device)]) / (done - last[0])
-            dist.all_reduce(vals) if ddp else None                                     # the loop's only syncs
+            if ddp:
+                dist.all_reduce(vals)                                                  # the loop's only syncs
             rec, acc, now = dict(zip([*acc, 'stop'], (vals / world).tolist())), {}, time.perf_counter()
             rec['img_per_s'], last = (done - last[0]) * G / (now - last[1]), (done, now)
             if not all(map(math.isfinite, rec.values())):
@@ -227,7 +230,9 @@ def train(args):
                 bar.write(f"stopped after step {done}, checkpoint saved: continue with --resume")
                 break
     finally:
-        bar.close(), [signal.signal(s, h) for s, h in handlers.items()]
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     if args.bench:                                         # per step: start, encoder (start, end) pairs, optimiser, end
         ips = args.bench * G / ((torch.cuda.synchronize() if cuda else None) or time.perf_counter() - t_bench)
         ms = lambda a, b: b - a if isinstance(a, float) else a.elapsed_time(b)
@@ -279,7 +284,7 @@ def parser():
     a('--ckpt-every', type=int, default=10_000, help='steps between checkpoints (also at the end, on Ctrl-C; 3 kept)')
     a('--sample-every', type=int, default=10_000, help='steps between EMA sample grids; default 10K, 0 = off')
     a('--sample-steps', type=int, default=50, help="SDE steps for the grids; default 50 (the paper's 250 is for FID)")
-    a('--bench', type=int, default=0, help='time N steps after --warmup steps, print the speed, save nothing')
+    a('--bench', type=int, default=0, help='time N steps after --warmup ones, print the speed, save nothing (with --synthetic: no data needed)')
     a('--warmup', type=int, default=5, help='untimed --bench steps first (compile, autotune); default 5')
     a('--peak-tflops', type=float, default=989.0, help='GPU peak for the MFU; default 989 (H100/H200 SXM, dense bf16)')
     return p
