@@ -171,3 +171,9 @@ def test_bench_reports_speed_and_flops():
     with FlopCounterMode(display=False) as counter:                                  # PyTorch's own count
         enc(torch.zeros(1, 3, 56, 56, dtype=torch.uint8))
     assert ti.encoder_flops(enc) == pytest.approx(counter.get_total_flops(), rel=0.03)
+
+
+def test_plain_sit_never_loads_or_runs_an_encoder():
+    argv = ['train', '--synthetic', '--bench', '1', '--warmup', '1', '--resolution', '32', *TINY, '--method', 'sit']
+    r = ti.main([a if a != 'vit_small_patch14_dinov2.lvd142m' else 'no-such-encoder' for a in argv])
+    assert r['encoder_ms'] < 1 and r['images_per_s'] > 0

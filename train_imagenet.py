@@ -122,10 +122,11 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 def encoder_flops(enc):
-    """Forward FLOPs per image of a frozen ViT by reg.model_flops' rule (2 per multiply-add, attention's QK^T and AV
-    included, norms and elementwise ops not); 0 for a CNN. The SiT's training step costs 3 x its forward."""
-    net, N = enc.net, (enc.size // enc.net.patch_embed.patch_size[0]) ** 2 + enc.net.num_prefix_tokens if enc.vit else 0
-    return 2 * N * sum(p.numel() for p in net.blocks.parameters()) + 4 * len(net.blocks) * N * N * enc.dim if N else 0
+    """Forward FLOPs per image of the frozen ViT by reg.model_flops' rule; 0 for a CNN or no encoder (plain SiT)."""
+    if not (enc and enc.vit):
+        return 0
+    net, N = enc.net, (enc.size // enc.net.patch_embed.patch_size[0]) ** 2 + enc.net.num_prefix_tokens
+    return 2 * N * sum(p.numel() for p in net.blocks.parameters()) + 4 * len(net.blocks) * N * N * enc.dim
 
 @torch.no_grad()
 def sample_grid(ema, vae, path, steps, device, n=16):
@@ -151,11 +152,11 @@ def train(args):
     if (n := int((starts := torch.tensor([0] + [len(s['labels']) for s in shards]).cumsum(0))[-1])) < G:
         raise SystemExit(f"the data holds {n} images, fewer than --global-batch {G}: lower it or prepare more classes")
     torch.manual_seed(args.seed)                           # a 'random' encoder is the same on every rank
-    enc = reg.load_encoder(args.encoder, (latent := meta['resolution'] // 8) // reg.PRESETS[args.preset]['patch_size'],
-                           args.encoder_weights, device)   # grid 16: DINOv2 at 224 px for 256 px images, 448 for 512
+    grid = (latent := meta['resolution'] // 8) // reg.PRESETS[args.preset]['patch_size']  # DINOv2 at 224 px for 256 px
+    enc = reg.load_encoder(args.encoder, grid, args.encoder_weights, device) if args.method != 'sit' else None  # (448: 512)
     torch.manual_seed(args.seed)                           # the init does not depend on the encoder's draws
     model = reg.make_model(args.preset, args.method, input_size=latent, num_classes=len(meta['classes']),
-                           encoder_dim=enc.dim).to(device)
+                           encoder_dim=enc.dim if enc else 768).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                             weight_decay=0, eps=1e-8, fused=cuda)
@@ -176,8 +177,7 @@ def train(args):
     clock = (event if cuda else lambda: time.perf_counter() * 1e3) if args.bench else lambda: None
     opt.register_step_pre_hook(lambda *_: marks.__setitem__('opt', clock()))    # --bench: where the optimiser starts
     def micro_loss(step, idx, pos):
-        # Seeded by (seed, step, position in the global batch): the draws (flip, posterior noise, reg_loss's t, noise
-        # and label dropout) are the same however the global batch is spread over ranks (at equal --micro-batch).
+        # Seeded by (seed, step, position in the global batch): the same draws however the batch is spread over ranks
         torch.manual_seed((args.seed * 1_000_003 + step) * 1_000_003 + pos)
         s = torch.searchsorted(starts, idx, right=True) - 1                           # the shard of each image
         rows = list(zip(s.tolist(), (idx - starts[s]).tolist()))                      # (shard, row) pairs
@@ -188,7 +188,7 @@ def train(args):
         x = (mean.float() + std.float() * torch.randn(mean.shape, device=device)) * SCALE  # a fresh latent (B, 4, h, w)
         with reg.autocast(device, args.precision):
             marks['enc'] += [clock()]
-            feats = enc(img)                                                           # (B, E), (B, T, E)
+            feats = enc(img) if enc else None                                          # (B, E), (B, T, E)
             marks['enc'] += [clock()]
             return reg.reg_loss(model, x, y, feats, beta=args.beta, lam=args.lam)
     stop = []                                              # Ctrl-C / SIGTERM: finish the step, save, exit
