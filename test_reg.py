@@ -171,7 +171,11 @@ def test_qk_norm_changes_the_output_and_keeps_zero_init():
     m = tiny(qk_norm=True)
     x, t, y, cls, _ = inputs(m)
     assert torch.all(m(x, t, y, cls)[0] == 0)
-    assert 'blocks.0.attn.q_norm.weight' in m.state_dict()
+    qk = randomize(m).eval()
+    plain = tiny().eval()
+    plain.load_state_dict({k: v for k, v in qk.state_dict().items() if '_norm.' not in k or 'token_norm' in k})
+    assert not torch.allclose(qk(x, t, y, cls)[0], plain(x, t, y, cls)[0], atol=1e-4)
+
 
 # --- zero init ---------------------------------------------------------------------------------------------------------
 
