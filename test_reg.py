@@ -447,6 +447,29 @@ def test_sampler_returns_none_token_for_models_without_one():
     x, c = reg.sample(m, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), steps=3, mode='heun', cfg_scale=2.0, null_label=5)
     assert c is None and x.shape == (2, 3, 8, 8)
 
+def test_reg_memorises_two_images_and_generates_each_with_its_own_token():
+    """End to end: train REG on two images (each with fixed encoder features) until it memorises them; every sampler
+    must then draw the image of the requested label and, jointly, that image's class token."""
+    m = tiny()
+    torch.manual_seed(0)
+    x, cls, patches = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 24), torch.randn(2, 16, 24)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    idx = torch.arange(16) % 2
+    for _ in range(250):
+        loss = reg.reg_loss(m, x[idx], idx, (cls[idx], patches[idx]), label_dropout=0.0)['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    labels = torch.arange(8) % 2
+    for mode in ('euler', 'heun', 'sde'):
+        torch.manual_seed(1)
+        img, tok = reg.sample(m, torch.randn(8, 3, 8, 8), labels, torch.randn(8, 24), steps=50, mode=mode, null_label=5)
+        err = ((img[:, None] - x[None]) ** 2).mean((2, 3, 4))                 # (8 samples, 2 training images)
+        assert torch.equal(err.argmin(1), labels) and err.min(1).values.max() < 0.05, mode
+        assert F.cosine_similarity(tok, cls[labels]).min() > 0.9, mode      # the token generated with its image
+
+
 # --- frozen encoder ----------------------------------------------------------------------------------------------------
 
 def test_vit_encoder_drops_prefix_and_register_tokens_on_the_sit_grid():
