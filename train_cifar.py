@@ -5,7 +5,7 @@ GPU, about an hour on one H100-class card (SiT-B/2 on 32x32 pixels, DINOv2 ViT-B
     python train_cifar.py --data-dir data/cifar10
 CPU, learning within minutes (tiny model, the encoder run once into a feature cache, a subset, small batches):
     OMP_NUM_THREADS=1 python train_cifar.py --data-dir cifar/train --model SiT-Ti/4 --limit 1000 --batch-size 32 \\
-        --ema 0.999 --cache-features --encoder tf_efficientnet_lite0 --encoder-weights <file>.safetensors
+        --steps 1500 --lr 1e-3 --ema 0.995 --cache-features --encoder tf_efficientnet_lite0 --encoder-weights <file>
 """
 import argparse, copy, json, math, os, resource, signal, time
 
@@ -265,8 +265,8 @@ def parse_args(argv=None):
     a('--cache-dir', default=None, help='where feature caches and FD reference statistics go; default --data-dir')
     a('--steps', type=int, default=40000, help='optimiser steps; default 40k (SiT-B/2, batch 128: ~1 h on an H100, estimated)')
     a('--batch-size', type=int, default=128, help='default 128 (half the paper\'s ImageNet 256; CIFAR is small)')
-    a('--lr', type=float, default=1e-4, help='AdamW learning rate (paper 1e-4; betas 0.9/0.999, no weight decay)')
-    a('--ema', type=float, default=0.9999, help='EMA decay per step; default 0.9999 (paper); 0.999 for short CPU runs')
+    a('--lr', type=float, default=1e-4, help='AdamW learning rate (paper 1e-4; betas 0.9/0.999, no weight decay); 1e-3 for SiT-Ti on a CPU')
+    a('--ema', type=float, default=0.9999, help='EMA decay per step; default 0.9999 (paper); 0.995 for short CPU runs')
     a('--precision', default='bf16', choices=['bf16', 'fp16', 'fp32'], help='GPU autocast; fp16 adds a GradScaler')
     a('--compile', action='store_true', help='torch.compile the SiT (off by default, so it can be stepped through)')
     a('--device', default=None, help='default: cuda, then mps, then cpu')
