@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import reg
+from tests.conftest import one_thread  # noqa: F401  (the tiny models run on one CPU thread)
 
 OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), 'tests', 'official_keys_sit_xl2_reg.json')
 
@@ -231,7 +232,7 @@ def test_loss_is_zero_for_exact_predictions():
     x, _, y, _, feats = inputs(m)
     z = torch.cat([feats[0][:, None], feats[1]], 1)
     out = reg.reg_loss(Oracle(m.cfg, x, feats[0], z), x, y, feats, beta=0.03, lam=0.5)
-    assert out['denoise'] < 1e-8 and out['token'] < 1e-8
+    assert out['denoise'] < 1e-8 and out['denoise_cls'] < 1e-8
     torch.testing.assert_close(out['align'], torch.tensor(-1.0))
     torch.testing.assert_close(out['loss'], torch.tensor(-0.5), atol=1e-6, rtol=0)
 
@@ -244,11 +245,11 @@ def test_each_weight_scales_only_its_own_term():
         torch.manual_seed(5)
         runs[beta, lam] = reg.reg_loss(m, x, y, feats, beta=beta, lam=lam)
     base = runs[0.0, 0.0]
-    assert base['token'] > 0 and base['align'] != 0
+    assert base['denoise_cls'] > 0 and base['align'] != 0
     for (beta, lam), out in runs.items():
-        for k in ('denoise', 'token', 'align'):
+        for k in ('denoise', 'denoise_cls', 'align'):
             assert torch.equal(out[k], base[k])
-        torch.testing.assert_close(out['loss'], base['denoise'] + beta * base['token'] + lam * base['align'])
+        torch.testing.assert_close(out['loss'], base['denoise'] + beta * base['denoise_cls'] + lam * base['align'])
 
 
 def test_token_slot_is_aligned_with_the_class_token():
@@ -266,7 +267,7 @@ def test_token_slot_is_aligned_with_the_class_token():
     v, v_c, z = m(x_t, t, yy, c_t)
     target = torch.cat([feats[0][:, None], feats[1]], 1)
     torch.testing.assert_close(out['align'], -F.cosine_similarity(z, target, dim=-1).mean())
-    torch.testing.assert_close(out['token'], ((v_c - (eps_c - feats[0])) ** 2).mean())
+    torch.testing.assert_close(out['denoise_cls'], ((v_c - (eps_c - feats[0])) ** 2).mean())
     torch.testing.assert_close(out['denoise'], ((v - (eps - x)) ** 2).mean())
 
 
@@ -278,7 +279,7 @@ def test_mean_variant_entangles_the_mean_patch_token():
     a = reg.reg_loss(m, x, y, feats)
     torch.manual_seed(4)
     b = reg.reg_loss(m, x, y, zero_cls)                                       # the class token is not used
-    torch.testing.assert_close(a['token'], b['token'])
+    torch.testing.assert_close(a['denoise_cls'], b['denoise_cls'])
 
 
 @pytest.mark.parametrize('beta,lam,head,flows', [(0.0, 0.5, 'final_layer.linear_cls', False),
@@ -294,32 +295,40 @@ def test_a_zero_weight_cuts_the_gradient_of_its_head(beta, lam, head, flows):
     assert (total > 0) == flows
 
 
+def train_one_step(model, ema, opt, x, y, feats):
+    """One optimiser step as the training scripts write it: loss, backward, clip, step, EMA."""
+    losses = reg.reg_loss(model, x, y, feats)
+    opt.zero_grad(set_to_none=True)
+    losses['loss'].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    reg.ema_update(ema, model)
+    return dict(losses, grad_norm=grad_norm)
+
+
 @pytest.mark.parametrize('method', list(reg.METHODS))
 def test_every_method_trains_one_step(method):
     m = tiny(method).train()
     ema = copy.deepcopy(m).requires_grad_(False)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x, _, y, _, feats = inputs(m)
-    out = reg.train_step(m, ema, opt, [lambda: reg.reg_loss(m, x, y, None if method == 'sit' else feats)])
+    out = train_one_step(m, ema, opt, x, y, None if method == 'sit' else feats)
     assert torch.isfinite(out['loss']) and out['grad_norm'] > 0
-    assert (out['align'] != 0) == m.cfg.repa and (out['token'] != 0) == m.entangled
+    assert (out['align'] != 0) == m.cfg.repa and (out['denoise_cls'] != 0) == m.entangled
 
 
-def test_grad_accumulation_averages_the_micro_batches():
-    m = randomize(tiny()).train()
-    x, _, y, _, feats = inputs(m, B=4)
-    def loss(model, k):
-        torch.manual_seed(k)
-        sl = slice(2 * k, 2 * k + 2)
-        return reg.reg_loss(model, x[sl], y[sl], (feats[0][sl], feats[1][sl]))
-    a = copy.deepcopy(m)
-    reg.train_step(a, copy.deepcopy(a), torch.optim.SGD(a.parameters(), lr=0.0), [lambda k=k: loss(a, k) for k in (0, 1)],
-                   clip=1e9)
-    b = copy.deepcopy(m)
-    ((loss(b, 0)['loss'] + loss(b, 1)['loss']) / 2).backward()
-    for p, q in zip(a.parameters(), b.parameters()):
-        if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad)
+def test_config_properties_decide_the_token_once():
+    kinds = {name: (c.has_token_slot, c.entangled, c.needs_encoder)
+             for name, c in ((n, reg.SiTConfig(**reg.METHODS[n])) for n in reg.METHODS)}
+    assert kinds == {'sit': (False, False, False), 'repa': (False, False, True), 'reg': (True, True, True),
+                     'reg-noalign': (True, True, True), 'reg-learned': (True, False, True),
+                     'reg-mean': (True, True, True)}
+    feats = (torch.randn(2, 4), torch.randn(2, 9, 4))
+    assert torch.equal(reg.token_target(reg.SiTConfig(token_kind='cls'), feats), feats[0])
+    assert torch.equal(reg.token_target(reg.SiTConfig(token_kind='mean'), feats), feats[1].mean(1))
+    assert reg.alignment_target(reg.SiTConfig(token_kind='none'), feats) is feats[1]
+    z = reg.alignment_target(reg.SiTConfig(token_kind='learned'), feats)         # the learned slot aligns with cls
+    assert z.shape == (2, 10, 4) and torch.equal(z[:, 0], feats[0])
 
 
 def test_ema_update_is_the_exponential_average():
@@ -367,30 +376,57 @@ def test_samplers_land_on_the_right_mean_and_std(mode, steps):
         assert abs(cs.mean().item() + mu / 2) < 0.03 and abs(cs.std().item() - 0.3) < 0.02
 
 
-def test_cfg_scale_one_equals_the_conditional_drift():
+def guided(field, x, c, y, scales, guide, t=0.6):
+    return reg.guided_velocity(field, x, c, t, y, 2, *scales, guide, torch.float32)
+
+
+def test_cfg_scale_one_equals_the_conditional_velocity():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x, c, y = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
-    for sde in (False, True):
-        args = (field, [x, c], 0.6, y, 2, (1.0, 1.0))
-        plain = reg.guided_drift(*args, False, sde, 'linear', torch.float32)
-        guided = reg.guided_drift(*args, True, sde, 'linear', torch.float32)
-        for a, b in zip(plain, guided):
-            torch.testing.assert_close(a, b)
+    plain = guided(field, x, c, y, (1.0, 1.0), False)
+    both = guided(field, x, c, y, (1.0, 1.0), True)
+    for a, b in zip(plain, both):
+        torch.testing.assert_close(a, b)
 
 
 def test_cfg_combines_cond_and_uncond_with_separate_token_scale():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x, c, y = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
-    for sde in (False, True):
-        drift = lambda labels, scales, guide: reg.guided_drift(field, [x, c], 0.6, labels, 2, scales, guide, sde,
-                                                               'linear', torch.float32)
-        cond, uncond = drift(y, (1.0, 1.0), False), drift(torch.full_like(y, 2), (1.0, 1.0), False)
-        dx, dc = drift(y, (2.3, 1.5), True)
-        torch.testing.assert_close(dx, uncond[0] + 2.3 * (cond[0] - uncond[0]))
-        torch.testing.assert_close(dc, uncond[1] + 1.5 * (cond[1] - uncond[1]))
-        dx0, dc0 = drift(y, (0.0, 0.0), True)
-        torch.testing.assert_close(dc0, cond[1])                              # token scale <= 0: conditional drift
-        torch.testing.assert_close(dx0, uncond[0])                            # image scale 0: unconditional
+    cond = guided(field, x, c, y, (1.0, 1.0), False)
+    uncond = guided(field, x, c, torch.full_like(y, 2), (1.0, 1.0), False)
+    vx, vc = guided(field, x, c, y, (2.3, 1.5), True)
+    torch.testing.assert_close(vx, uncond[0] + 2.3 * (cond[0] - uncond[0]))
+    torch.testing.assert_close(vc, uncond[1] + 1.5 * (cond[1] - uncond[1]))
+    vx0, vc0 = guided(field, x, c, y, (0.0, 0.0), True)
+    torch.testing.assert_close(vc0, cond[1])                              # token scale <= 0: conditional velocity
+    torch.testing.assert_close(vx0, uncond[0])                            # image scale 0: unconditional
+
+
+def test_score_from_velocity_is_the_gaussian_score():
+    """Data N(mu, s^2): p_t = N((1 - t) mu, (1 - t)^2 s^2 + t^2) on the linear path, so the score is closed-form; the
+    cosine path checked the same way with its own alpha and sigma."""
+    mu, s = 2.0, 0.5
+    z = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    for path in ('linear', 'cosine'):
+        for t in (0.1, 0.5, 0.9):
+            tt = torch.tensor(t, dtype=torch.float64)
+            alpha, sigma, d_alpha, d_sigma = reg.interpolant(tt, path)
+            var = alpha ** 2 * s ** 2 + sigma ** 2
+            u = (z - alpha * mu) / var
+            v = d_alpha * (mu + alpha * s ** 2 * u) + d_sigma * sigma * u      # E[d_alpha x + d_sigma eps | z]
+            torch.testing.assert_close(reg.score_from_velocity(v, z, tt, path), -u)
+            torch.testing.assert_close(reg.clean_estimate(v, z, tt, path), mu + alpha * s ** 2 * u)
+
+
+def test_trace_records_clean_estimates_that_end_at_the_sample():
+    field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
+    x0, c0, y = torch.randn(4, 1, 2, 2), torch.randn(4, 4), torch.arange(4) % 2
+    trace = []
+    x, _ = reg.sample(field, x0, y, c0, steps=50, mode='euler', null_label=2, trace=trace)
+    assert [t for t, _ in trace] == pytest.approx(torch.linspace(1, 0, 51)[:-1].tolist())
+    torch.testing.assert_close(trace[-1][1], x, atol=0.05, rtol=0)             # the last estimate is (nearly) the sample
+    mu = torch.tensor([2.0, -1.0])[y].view(-1, 1, 1, 1)
+    torch.testing.assert_close(trace[0][1], mu.expand_as(x0), atol=1e-5, rtol=0)   # at t = 1 the estimate is E[x] = mu
 
 
 def test_cfg_scale_one_samples_like_the_unguided_sampler():
@@ -565,7 +601,7 @@ def test_release_sized_random_state_dict_loads_strictly():
     sd = {k: torch.randn(shape) * 0.01 for k, shape in keys.items()}
     cfg = reg.config_from_state_dict(sd)
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size, cfg.input_size, cfg.encoder_dim, cfg.num_classes,
-            cfg.token, cfg.repa) == (28, 1152, 16, 2, 32, 768, 1000, 'cls', True)
+            cfg.token_kind, cfg.repa) == (28, 1152, 16, 2, 32, 768, 1000, 'cls', True)
     with torch.device('meta'):                                                # skip 677M random inits
         m = reg.SiT(cfg)
     m = reg.load_weights(m, sd)
@@ -620,17 +656,15 @@ def test_run_resume_restores_weights_optimizer_and_rng(tmp_path):
     ema = copy.deepcopy(m).requires_grad_(False)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x, _, y, _, feats = inputs(m)
-    step = lambda: reg.train_step(m, ema, opt, [lambda: reg.reg_loss(m, x, y, feats)])
-    step()
+    train_one_step(m, ema, opt, x, y, feats)
     run = reg.Run(str(tmp_path))
     run.save(1, m, ema, opt)
-    expect = step()['loss']
+    expect = train_one_step(m, ema, opt, x, y, feats)['loss']
     m2, ema2 = randomize(tiny()), tiny()
     opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
     state = reg.Run(str(tmp_path)).resume(m2, ema2, opt2)
-    m, ema, opt = m2, ema2, opt2
     assert state['step'] == 1 and state['config'] == reg.asdict(m2.cfg)
-    assert torch.equal(step()['loss'], expect)
+    assert torch.equal(train_one_step(m2, ema2, opt2, x, y, feats)['loss'], expect)
 
 
 @pytest.mark.parametrize('method', ['sit', 'reg'])
@@ -640,7 +674,7 @@ def test_flop_count_matches_torch_flop_counter(method):
     x, t, y, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 96)
     with FlopCounterMode(display=False) as counter:
         model(x, t, y, c if model.entangled else None)
-    attention = model.cfg.depth * 4 * (64 + model.extra) ** 2 * 128     # QK^T and AV: CPU SDPA is not counted by torch
+    attention = model.cfg.depth * 4 * (64 + int(model.cfg.has_token_slot)) ** 2 * 128     # QK^T and AV: CPU SDPA is not counted by torch
     assert reg.model_flops(model.cfg) - attention == pytest.approx(counter.get_total_flops() / 2, rel=1e-3)
 
 
