@@ -1,5 +1,6 @@
 """Tests for reg.py: closed forms, invariants, an independent reference forward, and the official checkpoint layout.
 CPU, offline, tiny configs. Run: python -m pytest -q"""
+
 import argparse
 import copy
 import json
@@ -14,18 +15,18 @@ from einops import rearrange
 import reg
 from tests.conftest import one_thread  # noqa: F401  (the tiny models run on one CPU thread)
 
-OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), 'tests', 'official_keys_sit_xl2_reg.json')
+OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), "tests", "official_keys_sit_xl2_reg.json")
 
 
 def patchify(x, p):
     """(B, C, H, W) -> (B, T, p*p*C), the layout unpatchify inverts: (row in patch, column in patch, channel)."""
-    return rearrange(x, 'b c (h p) (w q) -> b (h w) (p q c)', p=p, q=p)
+    return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
 
 
-def tiny(method='reg', **kw):
+def tiny(method="reg", **kw):
     cfg = dict(input_size=8, in_channels=3, num_classes=5, encoder_dim=24, encoder_depth=2, projector_dim=32)
     torch.manual_seed(0)
-    return reg.make_model('SiT-Ti/2', method, **{**cfg, **kw})
+    return reg.make_model("SiT-Ti/2", method, **{**cfg, **kw})
 
 
 def randomize(model, scale=0.05):
@@ -49,46 +50,55 @@ def inputs(model, B=3, seed=2):
     feats = (torch.randn(B, c.encoder_dim, generator=g), torch.randn(B, T, c.encoder_dim, generator=g))
     return x, t, y, cls, feats
 
+
 # --- parameter counts (REFERENCE: B 131.7M, L 459.7M, XL 676.9M with the token, without the projector) ---------------
 
-@pytest.mark.parametrize('preset,with_token,projector,token_parts', [
-    ('SiT-B/2', 131.7, 7.3, 1.18), ('SiT-L/2', 459.7, 7.9, 1.58), ('SiT-XL/2', 676.9, 8.1, 1.77)])
+
+@pytest.mark.parametrize(
+    "preset,with_token,projector,token_parts",
+    [("SiT-B/2", 131.7, 7.3, 1.18), ("SiT-L/2", 459.7, 7.9, 1.58), ("SiT-XL/2", 676.9, 8.1, 1.77)],
+)
 def test_parameter_counts_match_paper(preset, with_token, projector, token_parts):
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    with torch.device('meta'):
-        reg_full, reg_nop, repa_nop = (reg.make_model(preset, 'reg'), reg.make_model(preset, 'reg', repa=False),
-                                       reg.make_model(preset, 'sit'))
+    with torch.device("meta"):
+        reg_full, reg_nop, repa_nop = (
+            reg.make_model(preset, "reg"),
+            reg.make_model(preset, "reg", repa=False),
+            reg.make_model(preset, "sit"),
+        )
     assert round(count(reg_nop), 1) == with_token
     assert round(count(reg_full) - count(reg_nop), 1) == projector
     assert round(count(reg_nop) - count(repa_nop), 2) == token_parts
 
 
 def test_plain_sit_has_sits_parameter_count():
-    with torch.device('meta'):
-        m = reg.make_model('SiT-B/2', 'sit')
-    assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == 130.5   # the paper's "130M"
-    assert not hasattr(m, 'projector') and not hasattr(m, 'token_embedder') and m.final_layer.linear_cls is None
+    with torch.device("meta"):
+        m = reg.make_model("SiT-B/2", "sit")
+    assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == 130.5  # the paper's "130M"
+    assert not hasattr(m, "projector") and not hasattr(m, "token_embedder") and m.final_layer.linear_cls is None
 
 
-@pytest.mark.parametrize('preset', list(reg.PRESETS))
+@pytest.mark.parametrize("preset", list(reg.PRESETS))
 def test_every_preset_builds_and_runs(preset):
-    with torch.device('meta'):
-        m = reg.make_model(preset, 'reg')
+    with torch.device("meta"):
+        m = reg.make_model(preset, "reg")
     assert m.cfg.hidden_size % m.cfg.num_heads == 0
     assert m.pos_embed.shape == (1, 1 + (32 // m.cfg.patch_size) ** 2, m.cfg.hidden_size)
-    if preset.startswith('SiT-S') or preset.startswith('SiT-Ti'):    # the release's S presets are broken: ours run
-        m = reg.make_model(preset, 'reg', input_size=16)
+    if preset.startswith("SiT-S") or preset.startswith("SiT-Ti"):  # the release's S presets are broken: ours run
+        m = reg.make_model(preset, "reg", input_size=16)
         out = m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 768))
         assert out[0].shape == (2, 4, 16, 16) and out[1].shape == (2, 768)
 
+
 # --- patchify, embeddings ----------------------------------------------------------------------------------------------
+
 
 def test_patchify_round_trip_and_channel_fastest_layout():
     x = torch.randn(2, 3, 8, 12)
     p = 2
-    tokens = patchify(x, p)                                               # (2, 4*6, 2*2*3)
+    tokens = patchify(x, p)  # (2, 4*6, 2*2*3)
     assert tokens.shape == (2, 24, 12)
-    i, j, r, s, c = 1, 4, 1, 0, 2                                             # token (row 1, col 4), pixel (1, 0), channel 2
+    i, j, r, s, c = 1, 4, 1, 0, 2  # token (row 1, col 4), pixel (1, 0), channel 2
     assert tokens[1, i * 6 + j, (r * p + s) * 3 + c] == x[1, c, i * p + r, j * p + s]
     sq = torch.randn(2, 3, 8, 8)
     assert torch.equal(reg.unpatchify(patchify(sq, p), p, 4), sq)
@@ -97,8 +107,8 @@ def test_patchify_round_trip_and_channel_fastest_layout():
 def test_patch_conv_is_a_linear_map_on_the_patchified_layout():
     m = tiny()
     x = torch.randn(2, 3, 8, 8)
-    w, b = m.x_embedder.proj.weight, m.x_embedder.proj.bias                   # (D, C, p, p)
-    via_conv = m.x_embedder.proj(x).flatten(2).transpose(1, 2)                # (B, T, D)
+    w, b = m.x_embedder.proj.weight, m.x_embedder.proj.bias  # (D, C, p, p)
+    via_conv = m.x_embedder.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
     via_linear = patchify(x, 2) @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).T + b
     torch.testing.assert_close(via_conv, via_linear, atol=1e-5, rtol=1e-5)
 
@@ -113,39 +123,41 @@ def test_pos_embed_is_sincos_with_a_zero_row_for_the_token():
     expect = torch.cat([torch.sin(2 * omega), torch.cos(2 * omega), torch.sin(1 * omega), torch.cos(1 * omega)])
     torch.testing.assert_close(pe[1 + 1 * g + 2], expect, atol=1e-6, rtol=1e-6)
 
+
 # --- an independent reference forward, written from REFERENCE.md with naive ops -----------------------------------------
+
 
 def reference_forward(m, x, t, y, cls):
     c = m.cfg
     D, heads, p = c.hidden_size, c.num_heads, c.patch_size
     P = lambda name: dict(m.named_parameters())[name]
-    lin = lambda h, name: h @ P(name + '.weight').T + P(name + '.bias')
+    lin = lambda h, name: h @ P(name + ".weight").T + P(name + ".bias")
     ln = lambda h, eps=1e-6: (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
-    gelu = lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    gelu = lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
     silu = lambda h: h * torch.sigmoid(h)
-    w = P('x_embedder.proj.weight')
-    patches = patchify(x, p) @ w.permute(0, 2, 3, 1).reshape(D, -1).T + P('x_embedder.proj.bias')
-    tok = ln(lin(cls, 'token_embedder')) * P('token_norm.weight') + P('token_norm.bias')
+    w = P("x_embedder.proj.weight")
+    patches = patchify(x, p) @ w.permute(0, 2, 3, 1).reshape(D, -1).T + P("x_embedder.proj.bias")
+    tok = ln(lin(cls, "token_embedder")) * P("token_norm.weight") + P("token_norm.bias")
     h = torch.cat([tok[:, None], patches], 1) + m.pos_embed
     freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
     temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
-    cond = lin(silu(lin(temb, 't_embedder.mlp.0')), 't_embedder.mlp.2') + P('y_embedder.embedding_table.weight')[y]
+    cond = lin(silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + P("y_embedder.embedding_table.weight")[y]
     for k in range(c.depth):
-        b = f'blocks.{k}.'
-        mod = lin(silu(cond), b + 'adaLN_modulation.1')[:, None]
-        sh1, sc1, g1, sh2, sc2, g2 = [mod[..., i * D:(i + 1) * D] for i in range(6)]
+        b = f"blocks.{k}."
+        mod = lin(silu(cond), b + "adaLN_modulation.1")[:, None]
+        sh1, sc1, g1, sh2, sc2, g2 = [mod[..., i * D : (i + 1) * D] for i in range(6)]
         a = ln(h) * (1 + sc1) + sh1
-        q, kk, v = lin(a, b + 'attn.qkv').split(D, -1)
+        q, kk, v = lin(a, b + "attn.qkv").split(D, -1)
         split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, D // heads).transpose(1, 2)
         att = torch.softmax(split(q) @ split(kk).transpose(-1, -2) / math.sqrt(D // heads), -1) @ split(v)
-        h = h + g1 * lin(att.transpose(1, 2).reshape(h.shape), b + 'attn.proj')
-        h = h + g2 * lin(gelu(lin(ln(h) * (1 + sc2) + sh2, b + 'mlp.fc1')), b + 'mlp.fc2')
-    mod = lin(silu(cond), 'final_layer.adaLN_modulation.1')[:, None]
+        h = h + g1 * lin(att.transpose(1, 2).reshape(h.shape), b + "attn.proj")
+        h = h + g2 * lin(gelu(lin(ln(h) * (1 + sc2) + sh2, b + "mlp.fc1")), b + "mlp.fc2")
+    mod = lin(silu(cond), "final_layer.adaLN_modulation.1")[:, None]
     h = ln(h) * (1 + mod[..., D:]) + mod[..., :D]
-    out = lin(h[:, 1:], 'final_layer.linear')                                 # (B, T, p*p*C), channel fastest
+    out = lin(h[:, 1:], "final_layer.linear")  # (B, T, p*p*C), channel fastest
     g = c.input_size // p
     img = out.reshape(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
-    return img, lin(h[:, 0], 'final_layer.linear_cls')
+    return img, lin(h[:, 0], "final_layer.linear_cls")
 
 
 def test_model_matches_reference_forward():
@@ -153,7 +165,7 @@ def test_model_matches_reference_forward():
     x, t, y, cls, _ = inputs(m)
     v, v_cls, z = m(x, t, y, cls)
     rv, rv_cls = reference_forward(m, x, t, y, cls)
-    assert z is None                                                          # projector is training-only
+    assert z is None  # projector is training-only
     torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(v_cls, rv_cls, atol=1e-5, rtol=1e-4)
 
@@ -174,13 +186,14 @@ def test_qk_norm_changes_the_output_and_keeps_zero_init():
     assert torch.all(m(x, t, y, cls)[0] == 0)
     qk = randomize(m).eval()
     plain = tiny().eval()
-    plain.load_state_dict({k: v for k, v in qk.state_dict().items() if '_norm.' not in k or 'token_norm' in k})
+    plain.load_state_dict({k: v for k, v in qk.state_dict().items() if "_norm." not in k or "token_norm" in k})
     assert not torch.allclose(qk(x, t, y, cls)[0], plain(x, t, y, cls)[0], atol=1e-4)
 
 
 # --- zero init ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('method', list(reg.METHODS))
+
+@pytest.mark.parametrize("method", list(reg.METHODS))
 def test_fresh_model_predicts_exactly_zero(method):
     m = tiny(method).eval()
     x, t, y, cls, _ = inputs(m)
@@ -190,16 +203,18 @@ def test_fresh_model_predicts_exactly_zero(method):
     if m.entangled:
         assert torch.all(v_cls == 0)
 
+
 # --- interpolant -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('path', ['linear', 'cosine'])
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
 def test_interpolant_endpoints_and_derivatives(path):
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
     a, s, da, ds = reg.interpolant(t, path)
     a0, s0, _, _ = reg.interpolant(torch.zeros(1, dtype=torch.float64), path)
     a1, s1, _, _ = reg.interpolant(torch.ones(1, dtype=torch.float64), path)
-    assert (a0.item(), s0.item()) == (1.0, 0.0)                               # t = 0: data
-    assert abs(a1.item()) < 1e-12 and s1.item() == 1.0                        # t = 1: noise
+    assert (a0.item(), s0.item()) == (1.0, 0.0)  # t = 0: data
+    assert abs(a1.item()) < 1e-12 and s1.item() == 1.0  # t = 1: noise
     h = 1e-6
     ap, sp, _, _ = reg.interpolant(t + h, path)
     am, sm, _, _ = reg.interpolant(t - h, path)
@@ -209,15 +224,18 @@ def test_interpolant_endpoints_and_derivatives(path):
 
 def test_lognormal_times_lie_in_0_1_with_median_one_half():
     torch.manual_seed(0)
-    for path in ('linear', 'cosine'):
-        t = reg.sample_time(20000, 'lognormal', path)
+    for path in ("linear", "cosine"):
+        t = reg.sample_time(20000, "lognormal", path)
         assert 0 < t.min() and t.max() < 1
-        assert abs(t.median().item() - 0.5) < 0.02                            # s = e^0 maps to 1/2 on both paths
+        assert abs(t.median().item() - 0.5) < 0.02  # s = e^0 maps to 1/2 on both paths
+
 
 # --- joint loss --------------------------------------------------------------------------------------------------------
 
+
 class Oracle(torch.nn.Module):
     """Predicts the exact targets of the linear path from the clean data it was given; z_proj = 2 x the encoder tokens."""
+
     def __init__(self, cfg, x, c, z):
         super().__init__()
         self.cfg, self.x, self.c, self.z = cfg, x, c, z
@@ -232,9 +250,9 @@ def test_loss_is_zero_for_exact_predictions():
     x, _, y, _, feats = inputs(m)
     z = torch.cat([feats[0][:, None], feats[1]], 1)
     out = reg.reg_loss(Oracle(m.cfg, x, feats[0], z), x, y, feats, beta=0.03, lam=0.5)
-    assert out['denoise'] < 1e-8 and out['denoise_cls'] < 1e-8
-    torch.testing.assert_close(out['align'], torch.tensor(-1.0))
-    torch.testing.assert_close(out['loss'], torch.tensor(-0.5), atol=1e-6, rtol=0)
+    assert out["denoise"] < 1e-8 and out["denoise_cls"] < 1e-8
+    torch.testing.assert_close(out["align"], torch.tensor(-1.0))
+    torch.testing.assert_close(out["loss"], torch.tensor(-0.5), atol=1e-6, rtol=0)
 
 
 def test_each_weight_scales_only_its_own_term():
@@ -245,11 +263,11 @@ def test_each_weight_scales_only_its_own_term():
         torch.manual_seed(5)
         runs[beta, lam] = reg.reg_loss(m, x, y, feats, beta=beta, lam=lam)
     base = runs[0.0, 0.0]
-    assert base['denoise_cls'] > 0 and base['align'] != 0
+    assert base["denoise_cls"] > 0 and base["align"] != 0
     for (beta, lam), out in runs.items():
-        for k in ('denoise', 'denoise_cls', 'align'):
+        for k in ("denoise", "denoise_cls", "align"):
             assert torch.equal(out[k], base[k])
-        torch.testing.assert_close(out['loss'], base['denoise'] + beta * base['denoise_cls'] + lam * base['align'])
+        torch.testing.assert_close(out["loss"], base["denoise"] + beta * base["denoise_cls"] + lam * base["align"])
 
 
 def test_token_slot_is_aligned_with_the_class_token():
@@ -257,7 +275,7 @@ def test_token_slot_is_aligned_with_the_class_token():
     x, _, y, _, feats = inputs(m)
     torch.manual_seed(3)
     out = reg.reg_loss(m, x, y, feats)
-    torch.manual_seed(3)                                                      # replay the same draws by hand
+    torch.manual_seed(3)  # replay the same draws by hand
     B = x.shape[0]
     t = torch.rand(B)
     eps, eps_c = torch.randn_like(x), torch.randn_like(feats[0])
@@ -266,30 +284,36 @@ def test_token_slot_is_aligned_with_the_class_token():
     c_t = (1 - t)[:, None] * feats[0] + t[:, None] * eps_c
     v, v_c, z = m(x_t, t, yy, c_t)
     target = torch.cat([feats[0][:, None], feats[1]], 1)
-    torch.testing.assert_close(out['align'], -F.cosine_similarity(z, target, dim=-1).mean())
-    torch.testing.assert_close(out['denoise_cls'], ((v_c - (eps_c - feats[0])) ** 2).mean())
-    torch.testing.assert_close(out['denoise'], ((v - (eps - x)) ** 2).mean())
+    torch.testing.assert_close(out["align"], -F.cosine_similarity(z, target, dim=-1).mean())
+    torch.testing.assert_close(out["denoise_cls"], ((v_c - (eps_c - feats[0])) ** 2).mean())
+    torch.testing.assert_close(out["denoise"], ((v - (eps - x)) ** 2).mean())
 
 
 def test_mean_variant_entangles_the_mean_patch_token():
-    m = randomize(tiny('reg-mean')).train()
+    m = randomize(tiny("reg-mean")).train()
     x, _, y, _, feats = inputs(m)
     zero_cls = (torch.zeros_like(feats[0]), feats[1])
     torch.manual_seed(4)
     a = reg.reg_loss(m, x, y, feats)
     torch.manual_seed(4)
-    b = reg.reg_loss(m, x, y, zero_cls)                                       # the class token is not used
-    torch.testing.assert_close(a['denoise_cls'], b['denoise_cls'])
+    b = reg.reg_loss(m, x, y, zero_cls)  # the class token is not used
+    torch.testing.assert_close(a["denoise_cls"], b["denoise_cls"])
 
 
-@pytest.mark.parametrize('beta,lam,head,flows', [(0.0, 0.5, 'final_layer.linear_cls', False),
-                                                  (0.03, 0.5, 'final_layer.linear_cls', True),
-                                                  (0.03, 0.0, 'projector', False), (0.03, 0.5, 'projector', True)])
+@pytest.mark.parametrize(
+    "beta,lam,head,flows",
+    [
+        (0.0, 0.5, "final_layer.linear_cls", False),
+        (0.03, 0.5, "final_layer.linear_cls", True),
+        (0.03, 0.0, "projector", False),
+        (0.03, 0.5, "projector", True),
+    ],
+)
 def test_a_zero_weight_cuts_the_gradient_of_its_head(beta, lam, head, flows):
-    m = tiny().train()                                                        # fresh: the heads start at zero
+    m = tiny().train()  # fresh: the heads start at zero
     x, _, y, _, feats = inputs(m)
     torch.manual_seed(0)
-    reg.reg_loss(m, x, y, feats, beta=beta, lam=lam)['loss'].backward()
+    reg.reg_loss(m, x, y, feats, beta=beta, lam=lam)["loss"].backward()
     grads = [p.grad for n, p in m.named_parameters() if n.startswith(head)]
     total = sum(0.0 if g is None else g.abs().sum().item() for g in grads)
     assert (total > 0) == flows
@@ -299,35 +323,42 @@ def train_one_step(model, ema, opt, x, y, feats):
     """One optimiser step as the training scripts write it: loss, backward, clip, step, EMA."""
     losses = reg.reg_loss(model, x, y, feats)
     opt.zero_grad(set_to_none=True)
-    losses['loss'].backward()
+    losses["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     reg.ema_update(ema, model)
     return dict(losses, grad_norm=grad_norm)
 
 
-@pytest.mark.parametrize('method', list(reg.METHODS))
+@pytest.mark.parametrize("method", list(reg.METHODS))
 def test_every_method_trains_one_step(method):
     m = tiny(method).train()
     ema = copy.deepcopy(m).requires_grad_(False)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x, _, y, _, feats = inputs(m)
-    out = train_one_step(m, ema, opt, x, y, None if method == 'sit' else feats)
-    assert torch.isfinite(out['loss']) and out['grad_norm'] > 0
-    assert (out['align'] != 0) == m.cfg.repa and (out['denoise_cls'] != 0) == m.entangled
+    out = train_one_step(m, ema, opt, x, y, None if method == "sit" else feats)
+    assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0
+    assert (out["align"] != 0) == m.cfg.repa and (out["denoise_cls"] != 0) == m.entangled
 
 
 def test_config_properties_decide_the_token_once():
-    kinds = {name: (c.has_token_slot, c.entangled, c.needs_encoder)
-             for name, c in ((n, reg.SiTConfig(**reg.METHODS[n])) for n in reg.METHODS)}
-    assert kinds == {'sit': (False, False, False), 'repa': (False, False, True), 'reg': (True, True, True),
-                     'reg-noalign': (True, True, True), 'reg-learned': (True, False, True),
-                     'reg-mean': (True, True, True)}
+    kinds = {
+        name: (c.has_token_slot, c.entangled, c.needs_encoder)
+        for name, c in ((n, reg.SiTConfig(**reg.METHODS[n])) for n in reg.METHODS)
+    }
+    assert kinds == {
+        "sit": (False, False, False),
+        "repa": (False, False, True),
+        "reg": (True, True, True),
+        "reg-noalign": (True, True, True),
+        "reg-learned": (True, False, True),
+        "reg-mean": (True, True, True),
+    }
     feats = (torch.randn(2, 4), torch.randn(2, 9, 4))
-    assert torch.equal(reg.token_target(reg.SiTConfig(token_kind='cls'), feats), feats[0])
-    assert torch.equal(reg.token_target(reg.SiTConfig(token_kind='mean'), feats), feats[1].mean(1))
-    assert reg.alignment_target(reg.SiTConfig(token_kind='none'), feats) is feats[1]
-    z = reg.alignment_target(reg.SiTConfig(token_kind='learned'), feats)         # the learned slot aligns with cls
+    assert torch.equal(reg.token_target(reg.SiTConfig(token_kind="cls"), feats), feats[0])
+    assert torch.equal(reg.token_target(reg.SiTConfig(token_kind="mean"), feats), feats[1].mean(1))
+    assert reg.alignment_target(reg.SiTConfig(token_kind="none"), feats) is feats[1]
+    z = reg.alignment_target(reg.SiTConfig(token_kind="learned"), feats)  # the learned slot aligns with cls
     assert z.shape == (2, 10, 4) and torch.equal(z[:, 0], feats[0])
 
 
@@ -340,19 +371,22 @@ def test_ema_update_is_the_exponential_average():
         if p.requires_grad:
             torch.testing.assert_close(e, 0.9 * b + 0.1 * p)
 
+
 # --- samplers on a Gaussian toy with a closed-form velocity field ------------------------------------------------------
+
 
 class GaussianField:
     """Data x ~ N(mu_y, s^2) per coordinate and token c ~ N(-mu_y / 2, r^2): both depend on the label (the null label
     has mu = 0). On the linear path x_t = (1 - t) x + t eps, the exact velocity E[eps - x | x_t] is linear in x_t."""
+
     def __init__(self, mus, s=0.5, r=0.3):
         self.mus, self.s, self.r, self.calls = mus, s, r, []
 
     @staticmethod
     def velocity(z, t, mu, s):
-        a, var = 1 - t, (1 - t) ** 2 * s ** 2 + t ** 2
+        a, var = 1 - t, (1 - t) ** 2 * s**2 + t**2
         u = (z - a * mu) / var
-        return t * u - (mu + a * s ** 2 * u)                                  # E[eps | z] - E[x | z]
+        return t * u - (mu + a * s**2 * u)  # E[eps | z] - E[x | z]
 
     def __call__(self, x, t, y, cls):
         self.calls.append((t[0].item(), y.clone()))
@@ -363,7 +397,7 @@ class GaussianField:
         return v.float(), vc.float(), None
 
 
-@pytest.mark.parametrize('mode,steps', [('euler', 200), ('heun', 40), ('sde', 250)])
+@pytest.mark.parametrize("mode,steps", [("euler", 200), ("heun", 40), ("sde", 250)])
 def test_samplers_land_on_the_right_mean_and_std(mode, steps):
     torch.manual_seed(0)
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
@@ -398,8 +432,8 @@ def test_cfg_combines_cond_and_uncond_with_separate_token_scale():
     torch.testing.assert_close(vx, uncond[0] + 2.3 * (cond[0] - uncond[0]))
     torch.testing.assert_close(vc, uncond[1] + 1.5 * (cond[1] - uncond[1]))
     vx0, vc0 = guided(field, x, c, y, (0.0, 0.0), True)
-    torch.testing.assert_close(vc0, cond[1])                              # token scale <= 0: conditional velocity
-    torch.testing.assert_close(vx0, uncond[0])                            # image scale 0: unconditional
+    torch.testing.assert_close(vc0, cond[1])  # token scale <= 0: conditional velocity
+    torch.testing.assert_close(vx0, uncond[0])  # image scale 0: unconditional
 
 
 def test_score_from_velocity_is_the_gaussian_score():
@@ -407,50 +441,61 @@ def test_score_from_velocity_is_the_gaussian_score():
     cosine path checked the same way with its own alpha and sigma."""
     mu, s = 2.0, 0.5
     z = torch.linspace(-3, 3, 7, dtype=torch.float64)
-    for path in ('linear', 'cosine'):
+    for path in ("linear", "cosine"):
         for t in (0.1, 0.5, 0.9):
             tt = torch.tensor(t, dtype=torch.float64)
             alpha, sigma, d_alpha, d_sigma = reg.interpolant(tt, path)
-            var = alpha ** 2 * s ** 2 + sigma ** 2
+            var = alpha**2 * s**2 + sigma**2
             u = (z - alpha * mu) / var
-            v = d_alpha * (mu + alpha * s ** 2 * u) + d_sigma * sigma * u      # E[d_alpha x + d_sigma eps | z]
+            v = d_alpha * (mu + alpha * s**2 * u) + d_sigma * sigma * u  # E[d_alpha x + d_sigma eps | z]
             torch.testing.assert_close(reg.score_from_velocity(v, z, tt, path), -u)
-            torch.testing.assert_close(reg.clean_estimate(v, z, tt, path), mu + alpha * s ** 2 * u)
+            torch.testing.assert_close(reg.clean_estimate(v, z, tt, path), mu + alpha * s**2 * u)
 
 
 def test_trace_records_clean_estimates_that_end_at_the_sample():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x0, c0, y = torch.randn(4, 1, 2, 2), torch.randn(4, 4), torch.arange(4) % 2
     trace = []
-    x, _ = reg.sample(field, x0, y, c0, steps=50, mode='euler', null_label=2, trace=trace)
+    x, _ = reg.sample(field, x0, y, c0, steps=50, mode="euler", null_label=2, trace=trace)
     assert [t for t, _ in trace] == pytest.approx(torch.linspace(1, 0, 51)[:-1].tolist())
-    torch.testing.assert_close(trace[-1][1], x, atol=0.05, rtol=0)             # the last estimate is (nearly) the sample
+    torch.testing.assert_close(trace[-1][1], x, atol=0.05, rtol=0)  # the last estimate is (nearly) the sample
     mu = torch.tensor([2.0, -1.0])[y].view(-1, 1, 1, 1)
-    torch.testing.assert_close(trace[0][1], mu.expand_as(x0), atol=1e-5, rtol=0)   # at t = 1 the estimate is E[x] = mu
+    torch.testing.assert_close(trace[0][1], mu.expand_as(x0), atol=1e-5, rtol=0)  # at t = 1 the estimate is E[x] = mu
 
 
 def test_cfg_scale_one_samples_like_the_unguided_sampler():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x0, c0, y = torch.randn(8, 1, 2, 2), torch.randn(8, 4), torch.arange(8) % 2
     torch.manual_seed(1)
-    a = reg.sample(field, x0, y, c0, steps=20, mode='sde', null_label=2)
+    a = reg.sample(field, x0, y, c0, steps=20, mode="sde", null_label=2)
     torch.manual_seed(1)
-    b = reg.sample(field, x0, y, c0, steps=20, mode='sde', cfg_scale=1.0, cls_cfg_scale=4.0, interval=(0, 0.85), null_label=2)
+    b = reg.sample(
+        field, x0, y, c0, steps=20, mode="sde", cfg_scale=1.0, cls_cfg_scale=4.0, interval=(0, 0.85), null_label=2
+    )
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize('mode', ['sde', 'euler', 'heun'])
+@pytest.mark.parametrize("mode", ["sde", "euler", "heun"])
 def test_unconditional_pass_only_inside_the_guidance_interval(mode):
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     y = torch.arange(4) % 2
-    reg.sample(field, torch.randn(4, 1, 2, 2), y, torch.randn(4, 4), steps=25, mode=mode, cfg_scale=2.0,
-               interval=(0.2, 0.5), null_label=2)
+    reg.sample(
+        field,
+        torch.randn(4, 1, 2, 2),
+        y,
+        torch.randn(4, 4),
+        steps=25,
+        mode=mode,
+        cfg_scale=2.0,
+        interval=(0.2, 0.5),
+        null_label=2,
+    )
     for t, labels in field.calls:
         has_null = bool((labels == 2).any())
         assert labels.numel() == (8 if has_null else 4)
-        if not (0.2 <= t <= 0.5 or mode == 'heun'):                            # heun's second slope follows its step
-            assert not has_null, f'unconditional pass at t={t}'
+        if not (0.2 <= t <= 0.5 or mode == "heun"):  # heun's second slope follows its step
+            assert not has_null, f"unconditional pass at t={t}"
     assert any((labels == 2).any() for _, labels in field.calls)
 
 
@@ -460,28 +505,31 @@ def test_sde_last_step_is_deterministic():
     runs = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        runs.append(reg.sample(field, x0, y, c0, steps=1, mode='sde', null_label=2))   # grid [1, 0]: the last step only
+        runs.append(reg.sample(field, x0, y, c0, steps=1, mode="sde", null_label=2))  # grid [1, 0]: the last step only
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     torch.manual_seed(0)
-    two = reg.sample(field, x0, y, c0, steps=2, mode='sde', null_label=2)
+    two = reg.sample(field, x0, y, c0, steps=2, mode="sde", null_label=2)
     torch.manual_seed(1)
-    assert not torch.equal(two[0], reg.sample(field, x0, y, c0, steps=2, mode='sde', null_label=2)[0])
+    assert not torch.equal(two[0], reg.sample(field, x0, y, c0, steps=2, mode="sde", null_label=2)[0])
 
 
 def test_sde_grid():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     y = torch.zeros(3, dtype=torch.long)
     torch.manual_seed(0)
-    a = reg.sample(field, torch.zeros(3, 1, 2, 2), y, torch.zeros(3, 4), steps=5, mode='sde', null_label=2)
+    reg.sample(field, torch.zeros(3, 1, 2, 2), y, torch.zeros(3, 4), steps=5, mode="sde", null_label=2)
     ts = [t for t, _ in field.calls]
-    assert ts == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04])                 # linspace(1, 0.04, N), then a step to 0
+    assert ts == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04])  # linspace(1, 0.04, N), then a step to 0
     assert len(ts) == 5
 
 
 def test_sampler_returns_none_token_for_models_without_one():
-    m = tiny('repa').eval()
-    x, c = reg.sample(m, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), steps=3, mode='heun', cfg_scale=2.0, null_label=5)
+    m = tiny("repa").eval()
+    x, c = reg.sample(
+        m, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), steps=3, mode="heun", cfg_scale=2.0, null_label=5
+    )
     assert c is None and x.shape == (2, 3, 8, 8)
+
 
 def test_reg_memorises_two_images_and_generates_each_with_its_own_token():
     """End to end: train REG on two images (each with fixed encoder features) until it memorises them; every sampler
@@ -492,88 +540,95 @@ def test_reg_memorises_two_images_and_generates_each_with_its_own_token():
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     idx = torch.arange(16) % 2
     for _ in range(250):
-        loss = reg.reg_loss(m, x[idx], idx, (cls[idx], patches[idx]), label_dropout=0.0)['loss']
+        loss = reg.reg_loss(m, x[idx], idx, (cls[idx], patches[idx]), label_dropout=0.0)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     m.eval()
     labels = torch.arange(8) % 2
-    for mode in ('euler', 'heun', 'sde'):
+    for mode in ("euler", "heun", "sde"):
         torch.manual_seed(1)
         img, tok = reg.sample(m, torch.randn(8, 3, 8, 8), labels, torch.randn(8, 24), steps=50, mode=mode, null_label=5)
-        err = ((img[:, None] - x[None]) ** 2).mean((2, 3, 4))                 # (8 samples, 2 training images)
+        err = ((img[:, None] - x[None]) ** 2).mean((2, 3, 4))  # (8 samples, 2 training images)
         assert torch.equal(err.argmin(1), labels) and err.min(1).values.max() < 0.05, mode
-        assert F.cosine_similarity(tok, cls[labels]).min() > 0.9, mode      # the token generated with its image
+        assert F.cosine_similarity(tok, cls[labels]).min() > 0.9, mode  # the token generated with its image
 
 
 # --- frozen encoder ----------------------------------------------------------------------------------------------------
 
+
 def test_vit_encoder_drops_prefix_and_register_tokens_on_the_sit_grid():
     torch.manual_seed(0)
-    enc = reg.load_encoder('dinov2-s-reg', grid=2, weights='random')
+    enc = reg.load_encoder("dinov2-s-reg", grid=2, weights="random")
     assert enc.size == 28 and enc.net.num_prefix_tokens == 5
     img = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
     cls, patches = enc(img)
     assert cls.shape == (2, 384) and patches.shape == (2, 4, 384)
     x = (img.float() / 255 - enc.mean) / enc.std
-    full = enc.net.forward_features(x)                                        # (B, 1 + 4 registers + 4, E), after norm
+    full = enc.net.forward_features(x)  # (B, 1 + 4 registers + 4, E), after norm
     torch.testing.assert_close(cls, full[:, 0])
     torch.testing.assert_close(patches, full[:, 5:])
-    cls2, patches2 = enc(img.float() / 127.5 - 1)                             # [-1, 1] input, same images
+    cls2, patches2 = enc(img.float() / 127.5 - 1)  # [-1, 1] input, same images
     torch.testing.assert_close(cls2, cls, atol=1e-4, rtol=1e-4)
 
 
 def test_cnn_encoder_gives_pooled_vector_and_map_on_the_grid():
-    enc = reg.load_encoder('tf_efficientnet_lite0', grid=3, weights='random')
+    enc = reg.load_encoder("tf_efficientnet_lite0", grid=3, weights="random")
     cls, patches = enc(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert cls.shape == (2, 1280) and patches.shape == (2, 9, 1280)
 
 
 def test_encoder_loads_a_local_weights_file(tmp_path):
     import timm
-    src = timm.create_model('vit_small_patch14_dinov2.lvd142m', pretrained=False, num_classes=0)
-    path = str(tmp_path / 'w.pth')
+
+    src = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
+    path = str(tmp_path / "w.pth")
     torch.save(src.state_dict(), path)
-    enc = reg.load_encoder('dinov2-s', grid=2, weights=path)
+    enc = reg.load_encoder("dinov2-s", grid=2, weights=path)
     assert torch.equal(enc.net.blocks[3].mlp.fc1.weight, src.blocks[3].mlp.fc1.weight)
 
 
 def test_unreachable_hub_says_what_to_download(monkeypatch):
     import huggingface_hub.constants
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)           # read at import time
-    with pytest.raises(RuntimeError, match=r'(?s)huggingface\.co/timm/vit_base_patch14_dinov2.*--encoder-weights'):
-        reg.load_encoder('dinov2-b', grid=16)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    with pytest.raises(RuntimeError, match=r"(?s)huggingface\.co/timm/vit_base_patch14_dinov2.*--encoder-weights"):
+        reg.load_encoder("dinov2-b", grid=16)
+
 
 # --- bad input ---------------------------------------------------------------------------------------------------------
+
 
 def test_bad_inputs_raise_value_errors_that_name_the_problem():
     m = tiny()
     x, t, y, cls, feats = inputs(m)
-    with pytest.raises(ValueError, match='expects inputs of shape'):
-        m(torch.randn(3, 3, 16, 16), t, y, cls)                               # wrong size
-    with pytest.raises(ValueError, match='expects inputs of shape'):
-        m(torch.randn(3, 4, 8, 8), t, y, cls)                                 # wrong channels
-    with pytest.raises(ValueError, match='encoder width'):
-        m(x, t, y, torch.randn(3, 7))                                         # token of the wrong width
-    with pytest.raises(ValueError, match='unknown preset'):
-        reg.make_model('SiT-M/2')
-    with pytest.raises(ValueError, match='unknown method'):
-        reg.make_model('SiT-B/2', 'rep')
+    with pytest.raises(ValueError, match="expects inputs of shape"):
+        m(torch.randn(3, 3, 16, 16), t, y, cls)  # wrong size
+    with pytest.raises(ValueError, match="expects inputs of shape"):
+        m(torch.randn(3, 4, 8, 8), t, y, cls)  # wrong channels
+    with pytest.raises(ValueError, match="encoder width"):
+        m(x, t, y, torch.randn(3, 7))  # token of the wrong width
+    with pytest.raises(ValueError, match="unknown preset"):
+        reg.make_model("SiT-M/2")
+    with pytest.raises(ValueError, match="unknown method"):
+        reg.make_model("SiT-B/2", "rep")
     with pytest.raises(ValueError, match="encoder's patch grid must equal the SiT grid"):
-        reg.reg_loss(m, x, y, (feats[0], feats[1][:, :9]))                    # a 3x3 encoder grid for a 4x4 SiT grid
-    with pytest.raises(ValueError, match='needs the frozen encoder'):
+        reg.reg_loss(m, x, y, (feats[0], feats[1][:, :9]))  # a 3x3 encoder grid for a 4x4 SiT grid
+    with pytest.raises(ValueError, match="needs the frozen encoder"):
         reg.reg_loss(m, x, y, None)
-    with pytest.raises(ValueError, match='unknown encoder'):
-        reg.load_encoder('dinov3-b', grid=4, weights='random')
-    with pytest.raises(ValueError, match='grid must be a positive integer'):
-        reg.load_encoder('dinov2-s', grid=0, weights='random')
-    with pytest.raises(ValueError, match='multiple of patch_size'):
-        reg.make_model('SiT-B/4', input_size=30)
-    with pytest.raises(ValueError, match='sampler mode'):
+    with pytest.raises(ValueError, match="unknown encoder"):
+        reg.load_encoder("dinov3-b", grid=4, weights="random")
+    with pytest.raises(ValueError, match="grid must be a positive integer"):
+        reg.load_encoder("dinov2-s", grid=0, weights="random")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        reg.make_model("SiT-B/4", input_size=30)
+    with pytest.raises(ValueError, match="sampler mode"):
         reg.sample(m, x, y, cls, steps=0)
 
+
 # --- checkpoints -------------------------------------------------------------------------------------------------------
+
 
 def official_state_dict(model):
     """Our state dict under the release's names."""
@@ -582,15 +637,15 @@ def official_state_dict(model):
     for k, v in model.state_dict().items():
         for new, old in back.items():
             if k.startswith(new):
-                k = old + k[len(new):]
+                k = old + k[len(new) :]
         out[k] = v.clone()
     return out
 
 
 def test_official_layout_matches_the_release_key_list():
     keys = json.load(open(OFFICIAL_KEYS))
-    with torch.device('meta'):
-        m = reg.make_model('SiT-XL/2', 'reg')
+    with torch.device("meta"):
+        m = reg.make_model("SiT-XL/2", "reg")
     ours = {k: list(v.shape) for k, v in official_state_dict(m).items()}
     assert ours == keys
 
@@ -600,26 +655,35 @@ def test_release_sized_random_state_dict_loads_strictly():
     torch.manual_seed(0)
     sd = {k: torch.randn(shape) * 0.01 for k, shape in keys.items()}
     cfg = reg.config_from_state_dict(sd)
-    assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size, cfg.input_size, cfg.encoder_dim, cfg.num_classes,
-            cfg.token_kind, cfg.repa) == (28, 1152, 16, 2, 32, 768, 1000, 'cls', True)
-    with torch.device('meta'):                                                # skip 677M random inits
+    assert (
+        cfg.depth,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.patch_size,
+        cfg.input_size,
+        cfg.encoder_dim,
+        cfg.num_classes,
+        cfg.token_kind,
+        cfg.repa,
+    ) == (28, 1152, 16, 2, 32, 768, 1000, "cls", True)
+    with torch.device("meta"):  # skip 677M random inits
         m = reg.SiT(cfg)
     m = reg.load_weights(m, sd)
-    assert torch.equal(m.token_embedder.weight, sd['cls_projectors2.weight'])
-    assert torch.equal(m.projector[4].bias, sd['projectors.0.4.bias'])
+    assert torch.equal(m.token_embedder.weight, sd["cls_projectors2.weight"])
+    assert torch.equal(m.projector[4].bias, sd["projectors.0.4.bias"])
     assert not any(p.is_meta for p in m.state_dict().values()) and not m.pos_embed.requires_grad
 
 
 def test_official_checkpoint_file_round_trip_gives_the_same_outputs(tmp_path):
     src = randomize(tiny()).eval()
-    path = str(tmp_path / 'release.pt')
+    path = str(tmp_path / "release.pt")
     sd = official_state_dict(src)
-    torch.save(dict(model=sd, ema=sd, opt={}, args=argparse.Namespace(model='SiT-XL/2', cls=0.03), steps=7), path)
-    ckpt = reg.load_checkpoint(path)                                          # weights_only, Namespace allowed as data
-    assert ckpt['args'].cls == 0.03
-    cfg = reg.config_from_state_dict(ckpt['ema'])
-    cfg.encoder_depth = src.cfg.encoder_depth                                 # not readable off the weights
-    dst = reg.load_weights(reg.SiT(cfg), ckpt['ema']).eval()
+    torch.save(dict(model=sd, ema=sd, opt={}, args=argparse.Namespace(model="SiT-XL/2", cls=0.03), steps=7), path)
+    ckpt = reg.load_checkpoint(path)  # weights_only, Namespace allowed as data
+    assert ckpt["args"].cls == 0.03
+    cfg = reg.config_from_state_dict(ckpt["ema"])
+    cfg.encoder_depth = src.cfg.encoder_depth  # not readable off the weights
+    dst = reg.load_weights(reg.SiT(cfg), ckpt["ema"]).eval()
     x, t, y, cls, _ = inputs(src)
     for a, b in zip(src(x, t, y, cls)[:2], dst(x, t, y, cls)[:2]):
         assert torch.equal(a, b)
@@ -627,28 +691,28 @@ def test_official_checkpoint_file_round_trip_gives_the_same_outputs(tmp_path):
 
 def test_wrong_shapes_give_an_error_in_words():
     sd = official_state_dict(tiny())
-    sd['final_layer.linear_cls.weight'] = torch.zeros(32, 128)
-    del sd['wg_norm.bias']
-    sd['extra.weight'] = torch.zeros(1)
+    sd["final_layer.linear_cls.weight"] = torch.zeros(32, 128)
+    del sd["wg_norm.bias"]
+    sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError) as e:
         reg.load_weights(tiny(), sd)
     msg = str(e.value)
-    assert 'missing keys (1): token_norm.bias' in msg and 'unexpected keys (1): extra.weight' in msg
-    assert 'final_layer.linear_cls.weight: checkpoint (32, 128) vs model (24, 128)' in msg
-    assert 'A config that fits the checkpoint' in msg
+    assert "missing keys (1): token_norm.bias" in msg and "unexpected keys (1): extra.weight" in msg
+    assert "final_layer.linear_cls.weight: checkpoint (32, 128) vs model (24, 128)" in msg
+    assert "A config that fits the checkpoint" in msg
 
 
 def test_checkpoint_files_are_atomic_and_pruned_and_corruption_is_reported(tmp_path):
     for step in range(1, 6):
-        reg.save_checkpoint(str(tmp_path / f'{step:07d}.pt'), dict(step=step), keep=2)
-    assert [os.path.basename(p) for p in reg.list_checkpoints(str(tmp_path))] == ['0000004.pt', '0000005.pt']
-    assert not any(f.endswith('.tmp') for f in os.listdir(tmp_path))
-    bad = tmp_path / 'bad.pt'
-    bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match='corrupt'):
+        reg.save_checkpoint(str(tmp_path / f"{step:07d}.pt"), dict(step=step), keep=2)
+    assert [os.path.basename(p) for p in reg.list_checkpoints(str(tmp_path))] == ["0000004.pt", "0000005.pt"]
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
         reg.load_checkpoint(str(bad))
-    with pytest.raises(ValueError, match='does not exist'):
-        reg.load_checkpoint(str(tmp_path / 'missing.pt'))
+    with pytest.raises(ValueError, match="does not exist"):
+        reg.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_run_resume_restores_weights_optimizer_and_rng(tmp_path):
@@ -659,22 +723,25 @@ def test_run_resume_restores_weights_optimizer_and_rng(tmp_path):
     train_one_step(m, ema, opt, x, y, feats)
     run = reg.Run(str(tmp_path))
     run.save(1, m, ema, opt)
-    expect = train_one_step(m, ema, opt, x, y, feats)['loss']
+    expect = train_one_step(m, ema, opt, x, y, feats)["loss"]
     m2, ema2 = randomize(tiny()), tiny()
     opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
     state = reg.Run(str(tmp_path)).resume(m2, ema2, opt2)
-    assert state['step'] == 1 and state['config'] == reg.asdict(m2.cfg)
-    assert torch.equal(train_one_step(m2, ema2, opt2, x, y, feats)['loss'], expect)
+    assert state["step"] == 1 and state["config"] == reg.asdict(m2.cfg)
+    assert torch.equal(train_one_step(m2, ema2, opt2, x, y, feats)["loss"], expect)
 
 
-@pytest.mark.parametrize('method', ['sit', 'reg'])
+@pytest.mark.parametrize("method", ["sit", "reg"])
 def test_flop_count_matches_torch_flop_counter(method):
     from torch.utils.flop_counter import FlopCounterMode
-    model = reg.make_model('SiT-Ti/2', method, input_size=16, in_channels=3, num_classes=10, encoder_dim=96)
+
+    model = reg.make_model("SiT-Ti/2", method, input_size=16, in_channels=3, num_classes=10, encoder_dim=96)
     x, t, y, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 96)
     with FlopCounterMode(display=False) as counter:
         model(x, t, y, c if model.entangled else None)
-    attention = model.cfg.depth * 4 * (64 + int(model.cfg.has_token_slot)) ** 2 * 128     # QK^T and AV: CPU SDPA is not counted by torch
+    attention = (
+        model.cfg.depth * 4 * (64 + int(model.cfg.has_token_slot)) ** 2 * 128
+    )  # QK^T and AV: CPU SDPA is not counted by torch
     assert reg.model_flops(model.cfg) - attention == pytest.approx(counter.get_total_flops() / 2, rel=1e-3)
 
 
@@ -684,6 +751,8 @@ def test_frechet_distance_closed_form():
     b = (mu, 4 * torch.eye(d, dtype=torch.float64))
     assert reg.frechet_distance(a, b) == pytest.approx(float(mu.pow(2).sum()) + d * (1 + 4 - 2 * 2))
     torch.manual_seed(0)
-    f = torch.randn(5000, 3, dtype=torch.float64) @ torch.tensor([[1.0, 0.5, 0], [0, 1, 0.2], [0, 0, 2]], dtype=torch.float64)
+    f = torch.randn(5000, 3, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.5, 0], [0, 1, 0.2], [0, 0, 2]], dtype=torch.float64
+    )
     stats = (f.mean(0), torch.cov(f.T))
     assert reg.frechet_distance(stats, stats) == pytest.approx(0, abs=1e-8)
