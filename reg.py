@@ -1116,3 +1116,114 @@ def load_vae(name="ema", device="cpu"):
             f"diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']} in a folder and pass that folder as --vae"
         ) from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+# 9. Teaching diagnostics: where in t the token helps, where the generated token lands, how a sample forms ------------
+
+
+@torch.no_grad()
+def loss_per_t_bin(model, x, y, feats=None, bins=10, seed=0, path="linear"):
+    """The image and token velocity losses of `model` on a fixed batch at the centre of each of `bins` equal t bins
+    (minRF's diagnostic). The noise comes from `seed`, so calls at different training steps compare like with like.
+    -> dict(t=[bins], denoise=[bins], denoise_cls=[bins]) (denoise_cls all 0 without an entangled token)."""
+    net = unwrap(model)
+    cfg = net.cfg
+    was_training = net.training
+    net.eval()
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, H, W)
+    cls = token_target(cfg, feats) if cfg.entangled else None  # (B, E)
+    eps_cls = torch.randn(cls.shape, generator=generator).to(x.device) if cfg.entangled else None
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    result = dict(t=centres.tolist(), denoise=[], denoise_cls=[])
+    for t_value in centres.tolist():
+        t = torch.full((x.shape[0],), t_value, device=x.device)  # (B,)
+        alpha, sigma, d_alpha, d_sigma = interpolant(t, path)  # 4 x (B,)
+        x_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * eps
+        v = d_alpha.view(-1, 1, 1, 1) * x + d_sigma.view(-1, 1, 1, 1) * eps
+        cls_t = None
+        if cfg.entangled:
+            cls_t = alpha[:, None] * cls + sigma[:, None] * eps_cls
+            v_cls = d_alpha[:, None] * cls + d_sigma[:, None] * eps_cls
+        v_hat, v_cls_hat, _ = net(x_t, t, y, cls_t)
+        result["denoise"].append(float((v_hat.float() - v).pow(2).mean()))
+        token_loss = float((v_cls_hat.float() - v_cls).pow(2).mean()) if cfg.entangled else 0.0
+        result["denoise_cls"].append(token_loss)
+    net.train(was_training)
+    return result
+
+
+def class_centroids(tokens, labels, num_classes):
+    """The mean encoder token of each class (K, E), from real images' tokens (N, E) and their labels (N,)."""
+    sums = torch.zeros(num_classes, tokens.shape[1], dtype=torch.float64)
+    sums.index_add_(0, labels.cpu(), tokens.double().cpu())
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).clamp(min=1)
+    return (sums / counts[:, None]).float()
+
+
+def token_landing(cls, y, centroids):
+    """Where generated tokens (B, E) land among the class centroids (K, E): token_match, the fraction whose nearest
+    centroid (by cosine) is the centroid of the label they were generated for, and token_cos, their mean cosine with it."""
+    cosines = F.normalize(cls.float().cpu(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T  # (B, K)
+    nearest = cosines.argmax(dim=1)  # (B,)
+    own = cosines.gather(1, y.cpu()[:, None])[:, 0]  # (B,)
+    return dict(token_match=float((nearest == y.cpu()).float().mean()), token_cos=float(own.mean()))
+
+
+def strip_frames(trace, frames=8):
+    """From sample(..., trace=list): the clean-image estimates at `frames` steps evenly spaced from the first (t = 1) to
+    the last -> (B, frames, C, H, W), one row of a sampling strip per sample."""
+    picks = torch.linspace(0, len(trace) - 1, frames).round().long().tolist()
+    chosen = [trace[i][1].float().cpu() for i in picks]
+    return torch.stack(chosen, dim=1)
+
+
+def plot_t_bins(log_path, png):
+    """t_bins.png: the held-out image (and token) velocity loss of each t bin over training, one curve per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_log(log_path) if "bin_denoise" in r]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    has_token = any(any(r["bin_denoise_cls"]) for r in records)
+    panels = ["bin_denoise", "bin_denoise_cls"] if has_token else ["bin_denoise"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    colours = plt.cm.viridis(torch.linspace(0, 1, len(records[0]["bin_t"])).tolist())
+    for ax, key in zip(axes[0], panels):
+        for k, t in enumerate(records[0]["bin_t"]):
+            ax.plot(steps, [r[key][k] for r in records], color=colours[k], label=f"t={t:.2f}")
+        ax.set(title=f"held-out {key.removeprefix('bin_')} per t bin", xlabel="step", yscale="log")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def plot_comparison(logs, png, key="fd"):
+    """One PNG with `key` (default FD) over training steps for several runs: logs = {name: path of its log.jsonl}.
+    Where the logs hold `bin_denoise`, a second panel shows the last evaluation's loss per t bin, run against run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, path in logs.items():
+        records = [r for r in read_log(path) if key in r]
+        axes[0].plot([r["step"] for r in records], [r[key] for r in records], marker="o", label=name)
+        binned = [r for r in read_log(path) if "bin_denoise" in r]
+        if binned:
+            axes[1].plot(binned[-1]["bin_t"], binned[-1]["bin_denoise"], marker="o", label=name)
+    axes[0].set(title=f"{key} over training (lower is better)", xlabel="step", ylabel=key)
+    axes[1].set(title="held-out image velocity loss per t bin, last evaluation", xlabel="t (0 data, 1 noise)")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png

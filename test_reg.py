@@ -756,3 +756,149 @@ def test_frechet_distance_closed_form():
     )
     stats = (f.mean(0), torch.cov(f.T))
     assert reg.frechet_distance(stats, stats) == pytest.approx(0, abs=1e-8)
+
+
+# --- encoder: the release's position-embedding resampling ---------------------------------------------------------------
+
+
+def test_encoder_position_embedding_equals_the_releases_resampling():
+    """The release loads DINOv2 from the hub and resamples its position embedding once to the 16x16 grid with timm's
+    resample_abs_pos_embed (its utils.py); our encoder's set_input_size must give exactly that tensor."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    encoder = reg.load_encoder("dinov2-b", grid=16, weights="random")
+    torch.manual_seed(0)
+    import timm
+
+    hub_like = timm.create_model(reg.ENCODERS["dinov2-b"], pretrained=False, num_classes=0)  # 37 x 37 positions
+    release = resample_abs_pos_embed(hub_like.pos_embed.detach(), [16, 16])  # (1, 1 + 256, 768)
+    assert encoder.size == 224 and release.shape == (1, 257, 768)
+    assert torch.equal(encoder.net.pos_embed.detach(), release)
+
+
+# --- teaching diagnostics -----------------------------------------------------------------------------------------------
+
+
+def test_loss_per_t_bin_of_a_fresh_model_is_the_closed_form():
+    """A fresh model predicts v = 0, so on the linear path every bin's loss is mean((eps - x)^2) for the fixed noise."""
+    m = tiny().eval()
+    x, _, y, _, feats = inputs(m, B=4)
+    out = reg.loss_per_t_bin(m, x, y, feats, bins=5, seed=3)
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(x.shape, generator=g)
+    eps_cls = torch.randn(feats[0].shape, generator=g)
+    assert out["t"] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+    assert out["denoise"] == pytest.approx([(eps - x).pow(2).mean().item()] * 5, rel=1e-6)
+    assert out["denoise_cls"] == pytest.approx([(eps_cls - feats[0]).pow(2).mean().item()] * 5, rel=1e-6)
+    assert reg.loss_per_t_bin(m, x, y, feats, bins=5, seed=3) == out  # fixed noise: the same numbers every call
+
+
+def test_loss_per_t_bin_is_zero_for_exact_predictions_and_keeps_the_mode():
+    m = tiny()
+    x, _, y, _, feats = inputs(m)
+    z = torch.cat([feats[0][:, None], feats[1]], 1)
+    oracle = Oracle(m.cfg, x, feats[0], z).train()
+    out = reg.loss_per_t_bin(oracle, x, y, feats, bins=4)
+    assert max(out["denoise"]) < 1e-8 and max(out["denoise_cls"]) < 1e-8
+    assert oracle.training  # put back in training mode
+
+
+def test_token_landing_and_centroids():
+    tokens = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    centroids = reg.class_centroids(tokens, labels, 3)
+    torch.testing.assert_close(centroids, torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]))
+    own = reg.token_landing(torch.tensor([[5.0, 0.1], [0.2, 1.0]]), torch.tensor([0, 1]), centroids[:2])
+    assert own["token_match"] == 1.0 and own["token_cos"] > 0.97
+    swapped = reg.token_landing(torch.tensor([[5.0, 0.1], [0.2, 1.0]]), torch.tensor([1, 0]), centroids[:2])
+    assert swapped["token_match"] == 0.0 and swapped["token_cos"] < 0.21
+
+
+def test_strip_frames_run_from_pure_noise_estimate_to_the_sample():
+    trace = [(1 - i / 9, torch.full((2, 1, 2, 2), float(i))) for i in range(10)]
+    frames = reg.strip_frames(trace, frames=4)
+    assert frames.shape == (2, 4, 1, 2, 2)
+    assert frames[0, :, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+
+
+def test_diagnostic_plots_are_written(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [dict(step=s, loss=1.0 / s, denoise=1.0, denoise_cls=0.5, align=-0.5, fd=10.0 / s, bin_t=[0.25, 0.75],
+                    bin_denoise=[1.0 / s, 2.0 / s], bin_denoise_cls=[0.1, 0.2]) for s in (1, 2, 3)]  # fmt: skip
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # a torn last line
+    assert len(reg.read_log(str(log))) == 3
+    for png in (reg.plot_t_bins(str(log), str(tmp_path / "bins.png")),
+                reg.plot_comparison({"a": str(log), "b": str(log)}, str(tmp_path / "cmp.png")),
+                reg.plot_losses(str(log), str(tmp_path / "losses.png"))):  # fmt: skip
+        assert os.path.getsize(png) > 1000
+
+
+# --- training kit (Part B) ------------------------------------------------------------------------------------------------
+
+
+def test_resume_may_change_the_learning_rate_but_not_the_experiment(tmp_path):
+    m = randomize(tiny()).train()
+    ema = copy.deepcopy(m).requires_grad_(False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    run = reg.Run(str(tmp_path))
+    run.log(step=1, loss=1.0)
+    run.save(1, m, ema, opt, args=dict(lr=1e-3, seed=0))
+    run.log(step=2, loss=0.5)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill in mid-write
+    opt2 = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="--seed: checkpoint 0, now 1"):
+        run.resume(m, ema, opt2, must_match=dict(seed=1))
+    state = run.resume(m, ema, opt2, must_match=dict(seed=0), may_change=dict(lr=3e-4))
+    assert state["step"] == 1 and opt2.param_groups[0]["lr"] == 3e-4
+    records = reg.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in records] == [1, 1] and "changed from 0.001 to 0.0003" in records[-1]["note"]
+
+
+def test_graceful_stop_turns_sigterm_and_ctrl_c_into_a_request():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with reg.GracefulStop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is before
+    with reg.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_check_finite_names_the_last_checkpoint_and_the_fix(tmp_path):
+    reg.check_finite(dict(loss=1.0, note="text"), 5, str(tmp_path))
+    reg.save_checkpoint(str(tmp_path / "0000004.pt"), {})
+    with pytest.raises(RuntimeError, match=r"step 5.*0000004\.pt.*--resume and a lower --lr"):
+        reg.check_finite(dict(loss=float("nan")), 5, str(tmp_path))
+
+
+def test_fingerprint_follows_content_not_names(tmp_path):
+    a = tmp_path / "a.bin"
+    b = tmp_path / "b.bin"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    assert reg.fingerprint(f"file:{a}") == reg.fingerprint(f"file:{b}")
+    b.write_bytes(b"weightz")
+    assert reg.fingerprint(f"file:{a}") != reg.fingerprint(f"file:{b}")
+    x = torch.arange(6, dtype=torch.uint8)
+    assert reg.fingerprint(x, 16) == reg.fingerprint(x.clone(), 16) != reg.fingerprint(x.flip(0), 16)
+
+
+def test_step_timer_reports_medians_and_throughput():
+    timer = reg.StepTimer(torch.device("cpu"))
+    for _ in range(4):
+        timer.start()
+        timer.mark("data")
+        timer.mark("fwd_bwd")
+        timer.mark("fwd_bwd")
+    report = timer.report(images_per_step=8, flops_per_image=1e9, device=torch.device("cpu"), warmup=1)
+    assert set(report) >= {"images_per_s", "ms_step", "ms_data", "ms_fwd_bwd", "tflops", "mfu", "peak_mem_gib"}
+    assert report["ms_step"] == pytest.approx(report["ms_data"] + report["ms_fwd_bwd"], rel=0.5, abs=0.05)
+    assert report["tflops"] == pytest.approx(report["images_per_s"] * 1e9 / 1e12)
