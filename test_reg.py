@@ -902,3 +902,19 @@ def test_step_timer_reports_medians_and_throughput():
     assert set(report) >= {"images_per_s", "ms_step", "ms_data", "ms_fwd_bwd", "tflops", "mfu", "peak_mem_gib"}
     assert report["ms_step"] == pytest.approx(report["ms_data"] + report["ms_fwd_bwd"], rel=0.5, abs=0.05)
     assert report["tflops"] == pytest.approx(report["images_per_s"] * 1e9 / 1e12)
+
+
+def test_guiding_the_velocity_equals_guiding_the_sde_drift():
+    """The release mixes SDE drifts d = v - t score(v); the drift is affine in v for a fixed x_t, so mixing the
+    velocities first (our guided_velocity) gives the same drift up to float rounding."""
+    field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
+    x, c, y = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
+    t = torch.tensor(0.6, dtype=torch.float64)
+    cond = guided(field, x, c, y, (1.0, 1.0), False)
+    uncond = guided(field, x, c, torch.full_like(y, 2), (1.0, 1.0), False)
+    mixed = guided(field, x, c, y, (2.3, 1.7), True)
+    for k, (state, scale) in enumerate(((x, 2.3), (c, 1.7))):
+        drift_cond = cond[k] - 0.6 * reg.score_from_velocity(cond[k], state, t)
+        drift_uncond = uncond[k] - 0.6 * reg.score_from_velocity(uncond[k], state, t)
+        drift_of_mix = mixed[k] - 0.6 * reg.score_from_velocity(mixed[k], state, t)
+        torch.testing.assert_close(drift_of_mix, drift_uncond + scale * (drift_cond - drift_uncond), rtol=0, atol=1e-12)
