@@ -560,6 +560,8 @@ def guided_velocity(model, x, cls, t, y, null_label, cfg_scale, cls_cfg_scale, g
 def sampling_times(steps, mode):
     """The time grid: the ODEs run linspace(1, 0, steps + 1); the SDE linspace(1, 0.04, steps), then one last step to 0
     (the release's sampler; the score is singular at t = 0)."""
+    if mode not in ("sde", "euler", "heun") or steps < 1:
+        raise ValueError(f"sampler mode must be 'sde', 'euler' or 'heun' and steps >= 1, got {mode!r}, {steps}")
     if mode == "sde":
         return torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -584,11 +586,8 @@ def sample(
 ):
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns (x, cls) at t = 0 (cls None without a token).
     mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler' / 'heun': the probability-flow
-    ODE dx/dt = v. CFG runs only where low <= t <= high. `model` is any callable (x, t, y, cls) -> (v, v_cls, ...).
-    `noise(state)` draws the SDE's noise (default: the global RNG; pass per-sample generators for shard-proof seeds).
-    `trace`: a list that receives (t, the model's estimate of the clean x) at every step, for a sampling strip."""
-    if mode not in ("sde", "euler", "heun") or steps < 1:
-        raise ValueError(f"sampler mode must be 'sde', 'euler' or 'heun' and steps >= 1, got {mode!r}, {steps}")
+    ODE dx/dt = v. CFG only where low <= t <= high. `model`: any callable (x, t, y, cls) -> (v, v_cls, ...). `noise(u)`
+    draws the SDE's noise (per-sample generators make seeds shard-proof); `trace` receives (t, clean estimate) per step."""
     dtype = x.dtype  # the model's input dtype
     if state_dtype is None:
         state_dtype = torch.float64 if x.device.type == "cpu" else torch.float32  # float64 is slow on GPUs
@@ -599,7 +598,7 @@ def sample(
         cls = x.new_zeros(x.shape[0], 0)  # a token of width 0: the same loop serves models without one
     x = x.to(state_dtype)  # (B, C, H, W)
     cls = cls.to(state_dtype)  # [REG] (B, E)
-    times = sampling_times(steps, mode).tolist()
+    times = sampling_times(steps, mode).tolist()  # checks mode and steps first
     for i in range(steps):
         t = times[i]
         t_next = times[i + 1]
@@ -607,13 +606,13 @@ def sample(
         last = i == steps - 1
         guide = cfg_scale != 1.0 and interval[0] <= t <= interval[1]
         scales = (cfg_scale, cls_cfg_scale)
+        t_state = torch.tensor(t, dtype=x.dtype, device=x.device)
         v, v_cls = guided_velocity(model, x, cls, t, y, null_label, *scales, guide, dtype)
         if trace is not None:
-            trace.append((t, clean_estimate(v, x, torch.tensor(t, dtype=x.dtype), path).to(dtype)))
+            trace.append((t, clean_estimate(v, x, t_state, path).to(dtype)))
         drift = v  # the ODE moves along v
         drift_cls = v_cls  # [REG]
         if mode == "sde":  # the SDE's drift: v - (w_t / 2) score, w_t = 2t
-            t_state = torch.tensor(t, dtype=x.dtype, device=x.device)
             drift = v - t * score_from_velocity(v, x, t_state, path)
             drift_cls = v_cls - t * score_from_velocity(v_cls, cls, t_state, path)  # [REG]
         x_next = x + dt * drift  # Euler step
@@ -627,9 +626,7 @@ def sample(
             cls_next = cls + dt * ((drift_cls + v_cls_next) / 2)  # [REG]
         x = x_next
         cls = cls_next
-    if not has_token:
-        return x.to(dtype), None
-    return x.to(dtype), cls.to(dtype)
+    return x.to(dtype), cls.to(dtype) if has_token else None
 
 
 # 7. Presets and checkpoints (the official release's layout, and our own weights_only files) ---------------------------
@@ -1109,7 +1106,9 @@ def load_vae(name="ema", device="cpu"):
     except ImportError:
         raise ValueError("the SD-VAE needs diffusers: pip install diffusers") from None
     try:
-        vae = AutoencoderKL.from_pretrained(folder)
+        vae = AutoencoderKL.from_pretrained(
+            folder, low_cpu_mem_usage=False
+        )  # small: no need (or warning) for accelerate
     except Exception as e:
         raise ValueError(
             f"no SD-VAE from {name!r} ({type(e).__name__}: {str(e)[:120]}). Offline? Put config.json and "
