@@ -1106,9 +1106,8 @@ def load_vae(name="ema", device="cpu"):
     except ImportError:
         raise ValueError("the SD-VAE needs diffusers: pip install diffusers") from None
     try:
-        vae = AutoencoderKL.from_pretrained(
-            folder, low_cpu_mem_usage=False
-        )  # small: no need (or warning) for accelerate
+        # low_cpu_mem_usage=False: the VAE is small; it loads without `accelerate` (and without a warning about it)
+        vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
     except Exception as e:
         raise ValueError(
             f"no SD-VAE from {name!r} ({type(e).__name__}: {str(e)[:120]}). Offline? Put config.json and "
