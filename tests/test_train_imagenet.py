@@ -3,6 +3,8 @@ SiT-Ti/2 on 4x4 latents (32 px images) and a random DINOv2-S at 28 px (grid 2)."
 
 import functools
 import json
+import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -23,8 +25,8 @@ TINY = ["--model", "SiT-Ti/2", "--encoder", "vit_small_patch14_dinov2.lvd142m", 
         "--device", "cpu", "--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]  # fmt: skip
 
 
-def prepare(root, out, *extra, images="images"):
-    return ti.main(["prepare", "--data-dir", str(root / images), "--out", str(out), "--resolution", "32", "--vae",
+def prepare(root, out, *extra):
+    return ti.main(["prepare", "--data-dir", str(root / "images"), "--out", str(out), "--resolution", "32", "--vae",
                     str(root / "vae"), "--shard-size", "5", "--workers", "0", "--batch-size", "3", *extra])  # fmt: skip
 
 
@@ -82,7 +84,13 @@ def test_prepare_writes_crops_and_posteriors(root):
     with Image.open(root / "images" / "n00" / "0.png") as im:
         want = np.asarray(im.convert("RGB").resize((40, 32), Image.BOX))[:, 4:36]
     assert np.array_equal(shard["images"][0].permute(1, 2, 0).numpy(), want)
+    diffusers_log = logging.getLogger("diffusers")
+    records = logging.handlers.BufferingHandler(100)
+    diffusers_log.addHandler(records)
     vae = reg.load_vae(str(root / "vae"), "cpu")
+    diffusers_log.removeHandler(records)
+    warnings = [r.getMessage() for r in records.buffer if r.levelno >= logging.WARNING]
+    assert warnings == [], "loading the VAE warns (a missing optional package such as accelerate?)"
     with torch.no_grad():
         post = vae.encode(shard["images"].float() / 127.5 - 1).latent_dist
     assert torch.allclose(shard["mean"].float(), post.mean, atol=2e-3)
