@@ -585,7 +585,7 @@ def train(args):
                     scaler.scale(losses["loss"] / accum).backward()
                 for key in LOSSES:
                     sums[key] += losses[key].detach() / accum  # on the device: no sync
-                timer.mark("forward_backward")
+                timer.mark("fwd_bwd")
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             scaler.step(opt)  # fp16: skipped when the gradient overflowed (the scaler then lowers its scale)

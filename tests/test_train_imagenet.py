@@ -329,7 +329,7 @@ def test_release_default_has_no_flips_and_unconditional_has_one_class(root):
 
 def test_bench_reports_speed_and_flops():
     r = ti.main(["train", "--synthetic", "--bench", "1", "--warmup", "1", "--resolution", "32", *TINY])
-    phases = ("ms_data", "ms_encoder", "ms_forward_backward", "ms_optimizer")
+    phases = ("ms_data", "ms_encoder", "ms_fwd_bwd", "ms_optimizer")
     assert r["images_per_s"] > 0 and min(r[k] for k in phases) > 0
     assert r["ms_step"] == pytest.approx(sum(r[k] for k in phases))
     enc = reg.load_encoder("vit_small_patch14_dinov2.lvd142m", 2, "random", torch.device("cpu"))  # 28 px
