@@ -145,7 +145,7 @@ def weights_fingerprint(model):
 
 def export_weights(model, path):
     """Our weights under the release's names (reg.rename_to_official). A .pt holds them as both 'ema' (what the
-    release's sample_ddp.py reads) and 'model', with our config; a .safetensors holds the weights alone."""
+    release's generate.py reads) and 'model', with our config; a .safetensors holds the weights alone."""
     weights = {reg.rename_to_official(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     if path.endswith(".pt"):
         reg.save_checkpoint(path, dict(ema=weights, model=weights, config=asdict(model.cfg)))
@@ -197,9 +197,10 @@ def draw_labels(indices, labels, seed, random_draw):
 
 def to_uint8(images, rule="round"):
     """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3). 'round': the nearest of the 256 levels (ours);
-    'truncate': the release's sample_ddp.py, (127.5 x + 128) clipped to [0, 255] and cast, i.e. halves round up."""
+    'truncate': the release's generate.py, 255 (x + 1) / 2 clipped and cast, i.e. rounded down (half a level darker
+    on average)."""
     if rule == "truncate":
-        levels = (images * 127.5 + 128).clamp(0, 255)
+        levels = (255.0 * ((images + 1) / 2)).clamp(0, 255)
     else:
         levels = ((images.clamp(-1, 1) + 1) * 127.5).round()
     return levels.to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -482,8 +483,10 @@ def main(args):
     fingerprint = weights_fingerprint(model)
     model = model.to(device).eval()
     labels = pick_labels(args, model.cfg.num_classes)
+    latent = model.cfg.in_channels == 4
+    check(latent or args.vae is None, "--vae decodes latent models (4 channels); this one makes pixels: drop --vae")
     vae_name = None
-    if model.cfg.in_channels == 4:  # latent models: --vae, else the checkpoint's, else the paper's
+    if latent:  # latent models: --vae, else the checkpoint's, else the paper's
         vae_name = args.vae or checkpoint.get("vae") or "ema"
     ref = fd_reference(args)
     vae, encoder, fd_encoder = load_tools(args, model, vae_name, device)
@@ -561,7 +564,8 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=64, help="samples per forward pass; no sample depends on it (default: 64)")
     a("--device", help="default: cuda, then mps, then cpu")
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPUs (default: fp32, exact)")
-    a("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs, the release's default (default: off)")
+    a("--tf32", action="store_true", help="TF32 matmuls (and cuDNN convolutions) on GPUs, the release's default "
+      "(default: off, exact float32)")  # fmt: skip
     a("--out", help="output folder (default: samples/<run folder>-<checkpoint name>); its settings.json keeps "
       "samples of other settings or weights from mixing")  # fmt: skip
     a("--npz", action="store_true", help="write samples_N.npz for the ADM evaluator; sample i has label i %% K")
@@ -573,7 +577,7 @@ def parse_args(argv=None):
     a("--labels-random", action="store_true", help="--npz: labels drawn at random per sample from (seed, i), as the "
       "release draws them, not class-balanced (default: off)")  # fmt: skip
     a("--uint8", default="round", choices=["round", "truncate"], help="to 8 bits: round to the nearest level, or "
-      "truncate (127.5 x + 128) as the release's sample_ddp.py (default: round)")  # fmt: skip
+      "truncate 255 (x + 1) / 2 as the release's generate.py (default: round)")  # fmt: skip
     a("--per-row", type=int, default=8, help="grid samples per label row (default: 8)")
     a("--save-png", action="store_true", help="also write each sample as <out>/png/NNNNNN.png")
     a("--vae", help="latent models' SD-VAE: ema, mse or a folder (default: the checkpoint's, else ema, the paper's)")

@@ -201,6 +201,7 @@ def test_metrics_and_bench(ckpt, tmp_path):
         (["--encoder-depth", 9], "encoder_depth"),
         (["--weights", "model", "--batch-size", 0], "must be >= 1"),
         (["--labels-random"], "--labels-random is for --npz"),
+        (["--vae", "ema"], "drop --vae"),
     ],
 )
 def test_bad_flags_exit_with_a_message(ckpt, tmp_path, flags, message):
@@ -384,26 +385,20 @@ def test_the_releases_label_draw_is_random_per_sample(ckpt, tmp_path):
 
 
 def test_uint8_truncate_is_the_releases_conversion(ckpt, tmp_path):
-    """11.9: 'truncate' is the release's (127.5 x + 128) clipped and cast, 'round' ours; both name the nearest level
-    (truncating y + 0.5 rounds halves up, torch.round halves to even), so they differ only at halves."""
-    half = 126.5 / 127.5 - 1  # y = 127.5 (x + 1) = 126.5 in float32: round -> 126, truncate -> 127
-    x = (
-        torch.cat([torch.linspace(-1.2, 1.2, 100001), torch.tensor([0.0, -1.0, 1.0, half])])
-        .view(1, 1, -1, 1)
-        .expand(1, 3, -1, 1)
-    )
+    """11.9: 'truncate' is the release's generate.py, 255 (x + 1) / 2 clipped and cast (rounded down); 'round', ours,
+    takes the nearest level. They differ by one level wherever the fraction is >= 1/2, about half the values."""
+    x = torch.linspace(-1.2, 1.2, 100001).view(1, 1, -1, 1).expand(1, 3, -1, 1)
     truncated = sample.to_uint8(x, "truncate")
     rounded = sample.to_uint8(x, "round")
-    release = np.clip(127.5 * x.numpy() + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    assert truncated.shape == (1, 100005, 1, 3) and np.array_equal(truncated.numpy(), release)
-    assert np.array_equal(
-        rounded.numpy(), np.round((np.clip(x.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
-    )
-    assert truncated[0, -1, 0, 0] == 127 and rounded[0, -1, 0, 0] == 126
-    assert (truncated != rounded).sum() == 3  # the three channels of `half`; none of the 100001 others
+    release = np.clip(255.0 * ((x.numpy() + 1) / 2.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    ours = np.round((np.clip(x.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert truncated.shape == (1, 100001, 1, 3) and np.array_equal(truncated.numpy(), release)
+    assert np.array_equal(rounded.numpy(), ours)
+    step = rounded.numpy().astype(int) - truncated.numpy()
+    assert set(np.unique(step)) == {0, 1} and 0.4 < step.mean() < 0.6  # truncation: half a level darker
     a = npz(run(ckpt, tmp_path / "a", "--npz", "--num-samples", 4, "--uint8", "truncate")["path"])
     b = npz(run(ckpt, tmp_path / "b", "--npz", "--num-samples", 4)["path"])
-    assert np.abs(a.astype(int) - b).max() <= 1
+    assert set(np.unique(b.astype(int) - a)) == {0, 1}
     with pytest.raises(SystemExit, match="uint8: truncate there, round now"):
         run(ckpt, tmp_path / "a", "--npz", "--num-samples", 4)
 
