@@ -480,7 +480,6 @@ def main(args):
     model, checkpoint = load_model(args)
     if args.export:
         return export_weights(model, args.export)
-    fingerprint = weights_fingerprint(model)
     model = model.to(device).eval()
     labels = pick_labels(args, model.cfg.num_classes)
     latent = model.cfg.in_channels == 4
@@ -496,6 +495,7 @@ def main(args):
     # Output folder
     out = args.out or default_out(args.ckpt)
     settings = {k: getattr(args, k) for k in SAMPLE_FLAGS}
+    fingerprint = weights_fingerprint(model)  # the weights, not the path: a replaced file is another model
     settings.update(labels=labels, config=asdict(model.cfg), vae=vae_name, weights=fingerprint)
     settings.update(checkpoint=os.path.abspath(args.ckpt))
     claim_folder(out, settings, rank)
