@@ -1060,7 +1060,7 @@ def fingerprint(*items):
     digest = hashlib.sha256()
     for item in items:
         if torch.is_tensor(item):
-            digest.update(item.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
         elif isinstance(item, str) and item.startswith("file:"):
             with open(item[5:], "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -889,6 +889,8 @@ def test_fingerprint_follows_content_not_names(tmp_path):
     assert reg.fingerprint(f"file:{a}") != reg.fingerprint(f"file:{b}")
     x = torch.arange(6, dtype=torch.uint8)
     assert reg.fingerprint(x, 16) == reg.fingerprint(x.clone(), 16) != reg.fingerprint(x.flip(0), 16)
+    half = torch.ones(3, dtype=torch.bfloat16)
+    assert reg.fingerprint(half) != reg.fingerprint(half.float())  # bf16 hashed by its own bytes
 
 
 def test_step_timer_reports_medians_and_throughput():
