@@ -6,7 +6,7 @@ GPU, about an hour on one H100-class card (SiT-B/2 on 32x32 pixels, DINOv2 ViT-B
 CPU, learning within minutes (tiny model, the encoder run once into a feature cache, a subset, small batches):
     OMP_NUM_THREADS=1 python train_cifar.py --data-dir cifar/train --model SiT-Ti/4 --limit 1000 --batch-size 32 \\
         --steps 1500 --lr 1e-3 --ema 0.995 --cache-features --encoder tf_efficientnet_lite0 --encoder-weights <file>
-What REG adds, in one command (sit, repa and reg with the same model, data, seed and budget; about 6 min on one H100):
+What REG adds, in one command (sit, repa and reg with the same model, data, seed and budget; ~6 min on one H100, est.):
     python train_cifar.py --compare --data-dir cifar/train --encoder tf_efficientnet_lite0 --encoder-weights <file> \\
         --fd-encoder tf_efficientnet_lite0 --fd-encoder-weights <file>
 """
@@ -305,8 +305,8 @@ def to_device_if_it_fits(cache, device):
         print(f"feature cache: {cache.nbytes / 1e9:.1f} GB, too large for GPU memory: read from disk per batch")
         return cache
     on_device = torch.empty(cache.shape, dtype=torch.float16, device=device)
-    for i in range(0, cache.shape[1], 4096):
-        on_device[:, i : i + 4096] = torch.from_numpy(np.ascontiguousarray(cache[:, i : i + 4096])).to(device)
+    for i in range(0, cache.shape[1], 1024):  # in slices, so host memory never holds the whole cache
+        on_device[:, i : i + 1024] = torch.from_numpy(np.ascontiguousarray(cache[:, i : i + 1024])).to(device)
     return on_device
 
 
@@ -501,7 +501,8 @@ def setup_probe(args, data, model, ctx):
         probe.held_feats = features_of(data, probe.held_x, no_flip, held, ctx)
         probe.fd_encoder = load_encoder_seeded(args.fd_encoder, 16, args.fd_encoder_weights, device,
                                                "--fd-encoder-weights", args.seed)  # fmt: skip
-        probe.fd_reference = fd_reference(args, data, probe.fd_encoder)
+        reference = fd_reference(args, data, probe.fd_encoder)
+        probe.fd_reference = tuple(part.to(device) for part in reference)  # FD's eigendecompositions run there
     if args.eval_every and model.entangled:
         probe.centroids = token_centroids(data, model.cfg, ctx)
     return probe
@@ -575,10 +576,11 @@ def evaluate(args, ema, data, probe, run, step):
     with reg.autocast(data.images.device, args.precision):
         bins = reg.loss_per_t_bin(ema, probe.held_x, probe.held_y, probe.held_feats, bins=BINS, seed=args.seed)
     images, tokens, labels = fd_samples(args, ema, data)
-    half = len(images) // 2
+    features = torch.cat([probe.fd_encoder(part)[0] for part in images.split(args.batch_size)]).double()  # (n, E)
+    half = len(features) // 2
     fds = {}
-    for name, part in (("fd", images), ("fd_a", images[:half]), ("fd_b", images[half:])):
-        stats = reg.encoder_stats(probe.fd_encoder, part.split(args.batch_size))
+    for name, part in (("fd", features), ("fd_a", features[:half]), ("fd_b", features[half:])):
+        stats = (part.mean(0), torch.cov(part.T))  # as reg.encoder_stats, the encoder run once for all three
         fds[name] = round(reg.frechet_distance(stats, probe.fd_reference), 4)
     record = dict(step=step, **fds, fd_encoder=args.fd_encoder, eval_n=args.eval_n, bin_t=bins["t"],
                   bin_denoise=bins["denoise"], bin_denoise_cls=bins["denoise_cls"])  # fmt: skip

@@ -159,6 +159,12 @@ def test_feature_cache_matches_live_encoder(data, tmp_path):
     train_cifar.main(args(data, live, "--steps", "4"))
     train_cifar.main(args(data, cached, "--steps", "4", "--cache-features", "--cache-dir", str(tmp_path)))
     assert len(list(tmp_path.glob("feats-*.npy"))) == 1 and len(list(tmp_path.glob("feats-*.json"))) == 1
+    memmap = np.load(next(tmp_path.glob("feats-*.npy")), mmap_mode="r")  # (2, 12, 1+T, E)
+    flip, idx = torch.tensor([1, 0, 1]), torch.tensor([5, 5, 0])
+    on_host = train_cifar.read_cache(memmap, flip, idx, "cpu")
+    in_memory = train_cifar.read_cache(torch.from_numpy(np.array(memmap)), flip, idx, "cpu")  # the GPU-resident path
+    assert all(torch.equal(a, b) for a, b in zip(on_host, in_memory))
+    assert torch.equal(on_host[1][0], torch.from_numpy(memmap[1, 5, 1:].astype(np.float32)))
     for r, s in zip(log(live), log(cached)):  # steps 2-4 use other images and flips than step 1
         for k in ("loss", "denoise", "denoise_cls", "align"):
             assert r[k] == pytest.approx(s[k], rel=2e-3, abs=1e-4), (r["step"], k)
