@@ -172,8 +172,10 @@ def batch_at(step, data, args, ctx):
     idx = perm[start : start + args.batch_size]  # (B,)
     flip = flips[idx]  # (B,)
     device = data.images.device
-    x = to_pixels(data.images[idx.to(device)], flip.to(device))  # (B, 3, H, W)
-    y = data.labels[idx.to(device)]  # (B,)
+    idx_on_device = idx.to(device, non_blocking=True)  # non_blocking: no wait for the GPU's queue (no host sync)
+    flip_on_device = flip.to(device, non_blocking=True)
+    x = to_pixels(data.images[idx_on_device], flip_on_device)  # (B, 3, H, W)
+    y = data.labels[idx_on_device]  # (B,)
     feats = features_of(data, x, flip, idx, ctx)
     return x, y, feats
 
@@ -191,10 +193,10 @@ def features_of(data, x, flip, idx, ctx):
 def read_cache(cache, flip, idx, device):
     """Rows (flip, index) of the feature cache -> (class token (B, E), patches (B, T, E)) float32 on the device."""
     if torch.is_tensor(cache):  # held in GPU memory: a gather on the device
-        rows = cache[flip.to(cache.device), idx.to(cache.device)]
+        rows = cache[flip.to(cache.device, non_blocking=True), idx.to(cache.device, non_blocking=True)]
     else:  # a memmap: numpy reads just these rows
         rows = torch.from_numpy(cache[flip.numpy(), idx.numpy()])
-    rows = rows.to(device).float()  # (B, 1+T, E)
+    rows = rows.to(device, non_blocking=True).float()  # (B, 1+T, E)
     return rows[:, 0], rows[:, 1:]
 
 
