@@ -255,6 +255,33 @@ def test_loss_is_zero_for_exact_predictions():
     torch.testing.assert_close(out["loss"], torch.tensor(-0.5), atol=1e-6, rtol=0)
 
 
+class CosineOracle(torch.nn.Module):
+    """The exact targets of the cosine path, per sample, from the clean data it was given."""
+
+    def __init__(self, cfg, x, c):
+        super().__init__()
+        self.cfg, self.x, self.c = cfg, x, c
+
+    def forward(self, x_t, t, y, c_t):
+        alpha, sigma, d_alpha, d_sigma = reg.interpolant(t, "cosine")  # 4 x (B,)
+        eps = (x_t - alpha.view(-1, 1, 1, 1) * self.x) / sigma.view(-1, 1, 1, 1)
+        eps_c = (c_t - alpha[:, None] * self.c) / sigma[:, None]
+        v = d_alpha.view(-1, 1, 1, 1) * self.x + d_sigma.view(-1, 1, 1, 1) * eps
+        v_c = d_alpha[:, None] * self.c + d_sigma[:, None] * eps_c
+        return v, v_c, None
+
+
+def test_cosine_token_target_uses_each_samples_own_t():
+    """The release's token target on the cosine path broadcasts d_alpha_t (B, 1, 1, 1) against the (B, E) token into
+    (B, 1, B, E), comparing each token with every sample's target; ours uses each sample's own t, so exact per-sample
+    predictions give a token loss of zero."""
+    m = tiny("reg-noalign")
+    x, _, y, _, feats = inputs(m, B=4)
+    torch.manual_seed(0)
+    out = reg.reg_loss(CosineOracle(m.cfg, x, feats[0]), x, y, feats, path="cosine")
+    assert out["denoise"] < 1e-8 and out["denoise_cls"] < 1e-8
+
+
 def test_each_weight_scales_only_its_own_term():
     m = randomize(tiny()).train()
     x, _, y, _, feats = inputs(m)
