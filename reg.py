@@ -947,6 +947,38 @@ def autocast(device, precision="bf16"):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def number(text, kind, low, high, allowed):
+    """An argparse type: `text` as an int or a float within [low, high], else an error that says what is allowed
+    (argparse adds the flag's name), so a bad value fails when the command line is read, before any work."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+    return value
+
+
+def positive_int(text):
+    return number(text, int, 1, math.inf, "an integer >= 1")
+
+
+def nonneg_int(text):
+    return number(text, int, 0, math.inf, "an integer >= 0")
+
+
+def unit_float(text):
+    return number(text, float, 0.0, 1.0, "a number from 0 to 1")
+
+
+def nonneg_float(text):
+    return number(text, float, 0.0, 1.7976931348623157e308, "a finite number >= 0")
+
+
+def positive_float(text):
+    return number(text, float, 2.2250738585072014e-308, 1.7976931348623157e308, "a finite number > 0")
+
+
 # dense bf16 peak TFLOP/s of common GPUs, for the MFU (nanoGPT's estimate_mfu, per PaLM appendix B)
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "B200": 2250, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
 

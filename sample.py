@@ -291,10 +291,7 @@ def bench(model, vae, encoder, labels, args, device):
 
 def check_flags(args):
     """Refuse bad flags before anything is loaded or written."""
-    check(0 <= args.guidance_low <= args.guidance_high <= 1, "need 0 <= --guidance-low <= --guidance-high <= 1")
-    smallest = min(args.sample_steps, args.batch_size, args.shard_size, args.per_row, args.num_samples)
-    check(smallest >= 1, "--sample-steps, --batch-size, --shard-size, --per-row and --num-samples must be >= 1")
-    check(args.bench >= 0 and args.warmup >= 0, "--bench and --warmup must be >= 0")
+    check(args.guidance_low <= args.guidance_high, "need --guidance-low <= --guidance-high")  # each in [0, 1]
     check(args.npz or not args.labels_random, "--labels-random is for --npz (the grid has a row per label)")
     check(args.out is None or not os.path.isfile(args.out), f"--out {args.out} is a file: pass a folder")
     if args.export:
@@ -547,21 +544,25 @@ def parse_args(argv=None):
     a("ckpt", help="our checkpoint (train_*.py's NNNNNNN.pt), the official SiT-XL/2+REG release, a bare state dict, "
       "or a .safetensors of one")  # fmt: skip
     a("--weights", default="ema", choices=["ema", "model"], help="which weights (default: ema, as the paper samples)")
-    a("--encoder-depth", type=int, help="the REPA block (default: the file's config or the release's args, else 8)")
+    a(
+        "--encoder-depth",
+        type=reg.positive_int,
+        help="the REPA block (default: the file's config or the release's args, else 8)",
+    )
     a("--sampler", default="sde", choices=["sde", "euler", "heun"], help="default: sde (Euler-Maruyama, the paper's)")
-    a("--sample-steps", type=int, default=250, help="sampler steps (default: 250, the paper's)")
+    a("--sample-steps", type=reg.positive_int, default=250, help="sampler steps (default: 250, the paper's)")
     a("--cfg-scale", type=float, default=1.0, help="CFG scale (default: 1 = no CFG, the paper's main tables)")
     a("--cls-cfg-scale", type=float, help="the REG token's CFG scale (default: --cfg-scale, as the release)")
-    a("--guidance-low", type=float, default=0.0, help="CFG only where t >= this (default: 0, the paper)")
-    a("--guidance-high", type=float, default=1.0, help="CFG only where t <= this (default: 1; paper with CFG: 0.85)")
+    a("--guidance-low", type=reg.unit_float, default=0.0, help="CFG only where t >= this (default: 0, the paper)")
+    a("--guidance-high", type=reg.unit_float, default=1.0, help="CFG only where t <= this (default: 1; paper: 0.85)")
     a(
         "--paper",
         action="store_true",
         help="the paper's CFG run, over the flags: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()),
     )
-    a("--seed", type=int, default=0, help="sample i's noise (start and SDE steps, image and token) depends only on "
+    a("--seed", type=reg.nonneg_int, default=0, help="sample i's noise (start and SDE steps, image and token) depends only on "
       "(seed, i): the same noise whatever the batch size, shards, resumes or GPU count (default: 0)")  # fmt: skip
-    a("--batch-size", type=int, default=64, help="samples per forward pass; no sample depends on it (default: 64)")
+    a("--batch-size", type=reg.positive_int, default=64, help="samples per forward pass; no sample depends on it")
     a("--device", help="default: cuda, then mps, then cpu")
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPUs (default: fp32, exact)")
     a("--tf32", action="store_true", help="TF32 matmuls (and cuDNN convolutions) on GPUs, the release's default "
@@ -569,16 +570,21 @@ def parse_args(argv=None):
     a("--out", help="output folder (default: samples/<run folder>-<checkpoint name>); its settings.json keeps "
       "samples of other settings or weights from mixing")  # fmt: skip
     a("--npz", action="store_true", help="write samples_N.npz for the ADM evaluator; sample i has label i %% K")
-    a("--num-samples", type=int, default=50000, help="samples in --npz mode (default: 50000, the FID-50K protocol)")
-    a("--shard-size", type=int, default=1000, help="samples per shard file; unit of resume, GPU split (default: 1000)")
-    a("--max-shards", type=int, help="stop after this many new shards (default: no limit; run again to resume)")
+    a("--num-samples", type=reg.positive_int, default=50000, help="samples in --npz mode (default: 50000, FID-50K)")
+    a(
+        "--shard-size",
+        type=reg.positive_int,
+        default=1000,
+        help="samples per shard file; unit of resume, GPU split (default: 1000)",
+    )
+    a("--max-shards", type=reg.positive_int, help="stop after this many new shards (rerun to resume)")
     a("--keep-shards", action="store_true", help="keep the shard files after merging them (default: delete them)")
     a("--labels", type=label_list, help="labels like 1,2,3 (default: grid 0..9, npz all classes)")
     a("--labels-random", action="store_true", help="--npz: labels drawn at random per sample from (seed, i), as the "
       "release draws them, not class-balanced (default: off)")  # fmt: skip
     a("--uint8", default="round", choices=["round", "truncate"], help="to 8 bits: round to the nearest level, or "
       "truncate 255 (x + 1) / 2 as the release's generate.py (default: round)")  # fmt: skip
-    a("--per-row", type=int, default=8, help="grid samples per label row (default: 8)")
+    a("--per-row", type=reg.positive_int, default=8, help="grid samples per label row (default: 8)")
     a("--save-png", action="store_true", help="also write each sample as <out>/png/NNNNNN.png")
     a("--vae", help="latent models' SD-VAE: ema, mse or a folder (default: the checkpoint's, else ema, the paper's)")
     a("--fd-ref", help="reference of the Frechet distance: a folder of images, an .npz with arr_0, or cifar10-train")
@@ -587,9 +593,9 @@ def parse_args(argv=None):
     a("--fd-encoder-weights", help="weights file of --fd-encoder (default: fetch from the hub; 'random': tests)")
     a("--encoder", help="the training encoder, for REG's token consistency (default: none, skip; paper: dinov2-b)")
     a("--encoder-weights", help="weights file of --encoder (default: fetch from the hub; 'random': tests)")
-    a("--bench", type=int, default=0, help="time this many batches after --warmup ones; no files (default: 0, off)")
-    a("--warmup", type=int, default=1, help="--bench: untimed batches first (default: 1)")
-    a("--peak-tflops", type=float, default=0, help="--bench: peak TFLOP/s for the MFU (default: a table of GPUs)")
+    a("--bench", type=reg.nonneg_int, default=0, help="time this many batches after --warmup ones; no files")
+    a("--warmup", type=reg.nonneg_int, default=1, help="--bench: untimed batches first (default: 1)")
+    a("--peak-tflops", type=reg.nonneg_float, default=0, help="--bench: peak TFLOP/s for the MFU (default: by name)")
     a("--export", help="write the weights in the release's layout to this .pt or .safetensors file, and exit")
     return p.parse_args(argv)
 

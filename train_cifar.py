@@ -634,46 +634,6 @@ def compare(args):
 # Command line: every numeric flag is checked here, with its allowed range in the error
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give an integer >= 1")
-    return value
-
-
-def nonneg_int(text):
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give an integer >= 0")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite number > 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a number > 0")
-    return value
-
-
-def nonneg_float(text):
-    """argparse type: a finite number >= 0."""
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a number >= 0")
-    return value
-
-
-def unit_float(text):
-    """argparse type: a number in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a number in [0, 1]")
-    return value
-
-
 def seed_list(text):
     """argparse type: comma-separated seeds >= 0, e.g. 0,1,2."""
     try:
@@ -707,56 +667,56 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data-dir", default="data/cifar10", help="an ImageFolder (a folder per class), or where CIFAR-10 is or goes")
-    a("--limit", type=nonneg_int, default=0, help="train on a fixed random subset of this many images; 0 = all")
-    a("--holdout", type=nonneg_int, default=256, help="images set aside before --limit, never trained on: the "
+    a("--limit", type=reg.nonneg_int, default=0, help="train on a fixed random subset of this many images; 0 = all")
+    a("--holdout", type=reg.nonneg_int, default=256, help="images set aside before --limit, never trained on: the "
       "held-out batch of the loss per t bin; default 256")  # fmt: skip
     a("--unconditional", action="store_true", help="every label 0 (one class); the grids show rows of samples")
     a("--model", default="SiT-B/2", choices=list(reg.PRESETS), help="default SiT-B/2 (~1 h on a GPU); CPU: SiT-Ti/4")
     a("--method", default="reg", choices=list(reg.METHODS), help="reg (the paper), repa, sit, or a REG Sec. 4 ablation")
-    a("--beta", type=nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
-    a("--lam", type=nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
-    a("--projector-dim", type=nonneg_int, default=0, help="REPA projector width; 0 = the preset's (2048; Ti: 256)")
+    a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
+    a("--lam", type=reg.nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
+    a("--projector-dim", type=reg.nonneg_int, default=0, help="REPA projector width; 0 = the preset's (2048; Ti: 256)")
     a("--encoder", default="dinov2-b", help="frozen encoder: dinov2-{s,b,l,g}[-reg] or a timm name; paper dinov2-b")
     a("--encoder-weights", default=None, help="a local weights file (offline), or 'random' (tests); default: the hub")
     a("--cache-features", action="store_true", help="encode the data once (both flips, float16) and train without it")
     a("--cache-dir", default=None, help="where feature caches and FD reference statistics go; default --data-dir")
-    a("--steps", type=positive_int, default=40000, help="optimiser steps; default 40k (SiT-B/2: ~1 h on an H100, est.)")
-    a("--batch-size", type=positive_int, default=128, help="images per optimiser step; default 128 (half ImageNet's)")
-    a("--micro-batch", type=positive_int, default=None, help="images per forward pass (gradient accumulation fills "
+    a("--steps", type=reg.positive_int, default=40000, help="optimiser steps; default 40k (SiT-B/2: ~1 h, est.)")
+    a("--batch-size", type=reg.positive_int, default=128, help="images per optimiser step; default 128")
+    a("--micro-batch", type=reg.positive_int, default=None, help="images per forward pass (gradient accumulation fills "
       "the batch; must divide --batch-size); default --batch-size")  # fmt: skip
-    a("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4; betas 0.9/0.999, no weight "
+    a("--lr", type=reg.positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4; betas 0.9/0.999, no weight "
       "decay); 1e-3 for SiT-Ti on a CPU; may change on --resume")  # fmt: skip
-    a("--ema", type=unit_float, default=0.9999, help="EMA decay per step; default 0.9999 (paper); 0.995 for short runs")
+    a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay per step; 0.9999 (paper); 0.995: short runs")
     a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU autocast; fp16 adds a GradScaler")
     a("--compile", action="store_true", help="torch.compile the SiT (off by default, so it can be stepped through)")
     a("--device", default=None, help="default: cuda, then mps, then cpu")
-    a("--seed", type=nonneg_int, default=0, help="seeds the init, the data order and the sample noise; default 0")
+    a("--seed", type=reg.nonneg_int, default=0, help="seeds the init, the data order and the sample noise; default 0")
     a("--out", default=None, help="run folder; default runs/cifar-<method>-<model> (--compare: runs/cifar-compare-"
       "<model>, a folder per method inside)")  # fmt: skip
     a("--resume", action="store_true", help="continue the latest checkpoint in --out, exactly")
-    a("--keep", type=nonneg_int, default=3, help="checkpoints kept; default 3, 0 = all")
-    a("--log-every", type=positive_int, default=100, help="steps per log.jsonl record (means over the interval; the "
+    a("--keep", type=reg.nonneg_int, default=3, help="checkpoints kept; default 3, 0 = all")
+    a("--log-every", type=reg.positive_int, default=100, help="steps per log.jsonl record (means over the interval; the "
       "loop's only host syncs); default 100")  # fmt: skip
-    a("--ckpt-every", type=positive_int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C "
+    a("--ckpt-every", type=reg.positive_int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C "
       "and SIGTERM); default 5000")  # fmt: skip
-    a("--sample-every", type=nonneg_int, default=2500, help="steps between EMA sample grids and sampling strips; "
+    a("--sample-every", type=reg.nonneg_int, default=2500, help="steps between EMA sample grids and sampling strips; "
       "default 2500, 0 = off")  # fmt: skip
     a("--sampler", default="euler", choices=["euler", "heun", "sde"], help="default euler (fast; the paper's: sde)")
-    a("--sample-steps", type=positive_int, default=50, help="sampler steps; default 50 (speed; the paper's 250)")
-    a("--cfg-scale", type=nonneg_float, default=1.0, help="classifier-free guidance scale; default 1 (none)")
+    a("--sample-steps", type=reg.positive_int, default=50, help="sampler steps; default 50 (speed; the paper's 250)")
+    a("--cfg-scale", type=reg.nonneg_float, default=1.0, help="classifier-free guidance scale; default 1 (none)")
     a("--cls-cfg-scale", type=float, default=None, help="the token's guidance scale; default --cfg-scale; <= 0: none")
-    a("--eval-every", type=nonneg_int, default=0, help="steps between evaluations (FD, loss per t bin, token "
+    a("--eval-every", type=reg.nonneg_int, default=0, help="steps between evaluations (FD, loss per t bin, token "
       "landing); default 0 = off")  # fmt: skip
-    a("--eval-n", type=positive_int, default=5000, help="EMA samples per FD evaluation (>= 4); default 5000")
+    a("--eval-n", type=reg.positive_int, default=5000, help="EMA samples per FD evaluation (>= 4); default 5000")
     a("--fd-encoder", default="dinov2-l", help="the FD feature space; default dinov2-l (FD_DINOv2, Stein et al. 2023)")
     a("--fd-encoder-weights", default=None, help="a local weights file for --fd-encoder; default: the hub")
     a("--save-npz", action="store_true", help="also save the FD samples as .npz (arr_0 uint8 NHWC, the ADM format)")
     a("--compare", action="store_true", help="train sit, repa and reg in turn with the same settings and draw "
       f"compare.png; its defaults: {COMPARE_DEFAULTS} (any flag given wins)")  # fmt: skip
     a("--seeds", type=seed_list, default=None, help="--compare: seeds to run each method with, e.g. 0,1")
-    a("--bench", type=nonneg_int, default=0, help="time this many steps after --warmup steps, print the split, exit")
-    a("--warmup", type=nonneg_int, default=3, help="--bench: untimed steps first; default 3")
-    a("--peak-tflops", type=nonneg_float, default=0, help="peak bf16 TFLOP/s for the MFU; default: reg.PEAK_TFLOPS")
+    a("--bench", type=reg.nonneg_int, default=0, help="time this many steps after --warmup, print, exit")
+    a("--warmup", type=reg.nonneg_int, default=3, help="--bench: untimed steps first; default 3")
+    a("--peak-tflops", type=reg.nonneg_float, default=0, help="peak bf16 TFLOP/s for the MFU; default: reg.PEAK_TFLOPS")
     args = p.parse_args(argv)
     if args.compare:  # the comparison's own defaults; flags given on the command line still win
         p.set_defaults(**COMPARE_DEFAULTS)

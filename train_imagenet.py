@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -38,39 +37,8 @@ LOGGED = (*LOSSES, "grad_norm")  # means over each logging interval
 # Flags: numbers are checked when parsed, so a bad value fails at once with the allowed range ------------------------
 
 
-def number(text, kind, low, high, allowed):
-    """`text` as an int or a float within [low, high]; otherwise an argparse error (argparse adds the flag's name)."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
-    return value
-
-
-def positive_int(text):
-    return number(text, int, 1, math.inf, "an integer >= 1")
-
-
-def nonneg_int(text):
-    return number(text, int, 0, math.inf, "an integer >= 0")
-
-
-def unit_float(text):
-    return number(text, float, 0.0, 1.0, "a number from 0 to 1")
-
-
-def nonneg_float(text):
-    return number(text, float, 0.0, sys.float_info.max, "a finite number >= 0")
-
-
-def positive_float(text):
-    return number(text, float, sys.float_info.min, sys.float_info.max, "a finite number > 0")
-
-
 def resolution(text):
-    value = positive_int(text)
+    value = reg.positive_int(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 8 (the SD-VAE makes 8x smaller latents)")
     return value
@@ -622,9 +590,9 @@ def add_prepare_flags(p):
     a("--classes", help="'N': the first N class folders (sorted), or 'n01440764,n01443537'; default all")
     a("--resolution", type=resolution, default=256, help="image side, a multiple of 8; paper 256 (and 512)")
     a("--vae", default="ema", help="SD-VAE: ema (the paper's sd-vae-ft-ema), mse, or a folder (offline)")
-    a("--shard-size", type=positive_int, default=10_000, help="images per shard; default 10K (2.1 GB at 256 px)")
-    a("--batch-size", type=positive_int, default=64, help="images per VAE call; default 64 (fits any GPU)")
-    a("--workers", type=nonneg_int, default=8, help="processes that decode and crop; default 8 (0: in-process)")
+    a("--shard-size", type=reg.positive_int, default=10_000, help="images per shard; default 10K (2.1 GB at 256 px)")
+    a("--batch-size", type=reg.positive_int, default=64, help="images per VAE call; default 64 (fits any GPU)")
+    a("--workers", type=reg.nonneg_int, default=8, help="processes that decode and crop; default 8 (0: in-process)")
     a("--upscale", action="store_true", help="enlarge images below --resolution as ADM does (default: refuse)")
     a("--device", help="default cuda, then mps, then cpu; under torchrun cuda:LOCAL_RANK")
 
@@ -644,18 +612,18 @@ def add_recipe_flags(p):
     a("--method", default="reg", choices=list(reg.METHODS), help="reg (the paper), a baseline, a REG Sec. 4 ablation")
     a("--encoder", default="dinov2-b", help="frozen encoder; paper: DINOv2-B/14 (224 px for 256, 448 for 512)")
     a("--encoder-weights", help="a local weights file (offline), 'random' (tests, --bench); default: the hub")
-    a("--beta", type=nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
-    a("--lam", type=nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
-    a("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4); may change on --resume")
-    a("--batch-size", type=positive_int, default=256, help="images per optimiser step over all GPUs (paper 256)")
-    a("--micro-batch", type=positive_int, help="images per GPU and pass (default: batch / GPUs); accumulation fills up")
-    a("--steps", type=positive_int, default=400_000, help="optimiser steps; default 400K (the paper's tables)")
-    a("--ema", type=unit_float, default=0.9999, help="EMA decay, every step (paper 0.9999)")
-    a("--clip", type=positive_float, default=1.0, help="gradient-norm clip (the release: 1.0)")
+    a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
+    a("--lam", type=reg.nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
+    a("--lr", type=reg.positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4); may change on --resume")
+    a("--batch-size", type=reg.positive_int, default=256, help="images per optimiser step over all GPUs (paper 256)")
+    a("--micro-batch", type=reg.positive_int, help="images per GPU and pass (default: batch / GPUs)")
+    a("--steps", type=reg.positive_int, default=400_000, help="optimiser steps; default 400K (the paper's tables)")
+    a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay, every step (paper 0.9999)")
+    a("--clip", type=reg.positive_float, default=1.0, help="gradient-norm clip (the release: 1.0)")
     a("--flip", action="store_true", help="random horizontal flips (ours: the release trains without)")
     a("--unconditional", action="store_true", help="every label 0: one class")
     a("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="GPU autocast (release fp16)")
-    a("--seed", type=nonneg_int, default=0, help="fixes the init, the data order and every draw; default 0")
+    a("--seed", type=reg.nonneg_int, default=0, help="fixes the init, the data order and every draw; default 0")
     a("--resolution", type=resolution, default=256, help="image side of --synthetic data (--data-dir has its own)")
 
 
@@ -663,22 +631,22 @@ def add_run_flags(p):
     a = p.add_argument
     a("--out", default="runs/imagenet", help="run folder: args.json, log.jsonl, checkpoints, grids, losses.png")
     a("--resume", action="store_true", help="continue the latest checkpoint in --out, exactly")
-    a("--keep", type=positive_int, default=3, help="checkpoints kept (the latest); default 3")
-    a("--log-every", type=positive_int, default=100, help="steps between log records (the only syncs); default 100")
+    a("--keep", type=reg.nonneg_int, default=3, help="checkpoints kept (the latest); default 3, 0 = all")
+    a("--log-every", type=reg.positive_int, default=100, help="steps between log records (the only syncs); default 100")
+    a("--ckpt-every", type=reg.positive_int, default=10_000, help="steps between checkpoints (and at the end); 10K")
     a(
-        "--ckpt-every",
-        type=positive_int,
+        "--sample-every",
+        type=reg.nonneg_int,
         default=10_000,
-        help="steps between checkpoints (also at the end); default 10K",
+        help="steps between EMA sample grids; default 10K, 0 = off",
     )
-    a("--sample-every", type=nonneg_int, default=10_000, help="steps between EMA sample grids; default 10K, 0 = off")
-    a("--sample-steps", type=positive_int, default=50, help="sampler steps of the grids; default 50 (FID: 250)")
+    a("--sample-steps", type=reg.positive_int, default=50, help="sampler steps of the grids; default 50 (FID: 250)")
     a("--sampler", default="sde", choices=("sde", "euler", "heun"), help="sampler of the grids (paper: sde)")
     a("--vae", help="SD-VAE that decodes the grids: ema, mse or a folder; default: --data-dir's")
     a("--compile", action="store_true", help="torch.compile the SiT (off by default, so it can be stepped through)")
-    a("--bench", type=nonneg_int, default=0, help="time N steps after --warmup ones, print the speed, save nothing")
-    a("--warmup", type=nonneg_int, default=5, help="untimed --bench steps first (compile, autotune); default 5")
-    a("--peak-tflops", type=nonneg_float, default=0, help="GPU peak for the MFU; default 0: by name (reg.PEAK_TFLOPS)")
+    a("--bench", type=reg.nonneg_int, default=0, help="time N steps after --warmup ones, print the speed, save nothing")
+    a("--warmup", type=reg.nonneg_int, default=5, help="untimed --bench steps first (compile, autotune); default 5")
+    a("--peak-tflops", type=reg.nonneg_float, default=0, help="GPU peak for the MFU; 0: by name (reg.PEAK_TFLOPS)")
     a("--device", help="default cuda, then mps, then cpu; under torchrun cuda:LOCAL_RANK")
 
 

@@ -220,7 +220,7 @@ def test_resume_refuses_other_data(tmp_path):
 
 BAD_NUMBERS = [("--keep", "-1", ">= 0"), ("--steps", "0", ">= 1"), ("--steps", "-5", ">= 1"), ("--limit", "-5", ">= 0"),
                ("--batch-size", "-4", ">= 1"), ("--batch-size", "0", ">= 1"), ("--ckpt-every", "0", ">= 1"),
-               ("--log-every", "0", ">= 1"), ("--lr", "0", "> 0"), ("--lr", "nan", "> 0"), ("--ema", "1.5", "[0, 1]"),
+               ("--log-every", "0", ">= 1"), ("--lr", "0", "> 0"), ("--lr", "nan", "> 0"), ("--ema", "1.5", "from 0 to 1"),
                ("--eval-n", "0", ">= 1"), ("--holdout", "-1", ">= 0"), ("--beta", "-1", ">= 0"),
                ("--sample-steps", "0", ">= 1"), ("--seeds", "0,x", "comma-separated")]  # fmt: skip
 

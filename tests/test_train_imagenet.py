@@ -177,7 +177,7 @@ def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
 BAD_NUMBERS = [
     ("train", "--steps", "0", "an integer >= 1"),  # the old code: exit 0 having done nothing
     ("train", "--steps", "-5", "an integer >= 1"),
-    ("train", "--keep", "-1", "an integer >= 1"),  # the old code had no --keep; Run(keep=-1) deletes every checkpoint
+    ("train", "--keep", "-1", "an integer >= 0"),  # the old code had no --keep; Run(keep=-1) deletes every checkpoint
     ("train", "--ckpt-every", "0", "an integer >= 1"),  # the old code: ZeroDivisionError
     ("train", "--log-every", "0", "an integer >= 1"),
     ("train", "--batch-size", "0", "an integer >= 1"),
