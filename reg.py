@@ -661,6 +661,17 @@ def make_model(preset="SiT-XL/2", method="reg", **overrides):
     return SiT(SiTConfig(**settings))
 
 
+def config_from_dict(fields):
+    """The SiTConfig a checkpoint stores (asdict). Files written before `token_kind` was named so call it `token`."""
+    fields = dict(fields)
+    if "token" in fields:
+        fields["token_kind"] = fields.pop("token")
+    unknown = sorted(set(fields) - set(SiTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"the checkpoint's config has fields this reg.py does not know ({unknown}): a newer file?")
+    return SiTConfig(**fields)
+
+
 # the release's parameter names -> ours (everything else has the same name)
 OFFICIAL_NAMES = {"cls_projectors2.": "token_embedder.", "wg_norm.": "token_norm.", "projectors.0.": "projector."}
 
@@ -851,11 +862,10 @@ class Run:
         state = load_checkpoint(found[-1])
         old_args = state.get("args", {})
         cfg = asdict(unwrap(model).cfg)
+        saved = asdict(config_from_dict(state["config"]))  # an older file's field names read as today's
         differences = [f"--{k.replace('_', '-')}: checkpoint {old_args.get(k)!r}, now {v!r}"
                        for k, v in (must_match or {}).items() if old_args.get(k) != v]  # fmt: skip
-        differences += [
-            f"{k}: checkpoint {v!r}, now {cfg.get(k)!r}" for k, v in state["config"].items() if cfg.get(k) != v
-        ]
+        differences += [f"{k}: checkpoint {v!r}, now {cfg.get(k)!r}" for k, v in saved.items() if cfg.get(k) != v]
         if differences:
             raise ValueError(
                 f"{found[-1]} comes from another configuration:\n  " + "\n  ".join(differences)

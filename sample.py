@@ -110,13 +110,7 @@ def pick_weights(checkpoint, which, path):
 def model_config(checkpoint, weights, encoder_depth):
     """Ours stores the config; the release's is read off the weights, its REPA block from its args."""
     if "config" in checkpoint:
-        fields = dict(checkpoint["config"])
-        unknown = sorted(set(fields) - set(reg.SiTConfig.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"the checkpoint's config has fields this reg.py does not know ({unknown}): an older file?"
-            )
-        cfg = reg.SiTConfig(**fields)
+        cfg = reg.config_from_dict(checkpoint["config"])
     else:
         cfg = reg.config_from_state_dict(weights)
     release_args = checkpoint.get("args")  # the release's argparse.Namespace (ours: a dict, no attributes)

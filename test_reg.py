@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -947,3 +948,20 @@ def test_guiding_the_velocity_equals_guiding_the_sde_drift():
         drift_uncond = uncond[k] - 0.6 * reg.score_from_velocity(uncond[k], state, t)
         drift_of_mix = mixed[k] - 0.6 * reg.score_from_velocity(mixed[k], state, t)
         torch.testing.assert_close(drift_of_mix, drift_uncond + scale * (drift_cond - drift_uncond), rtol=0, atol=1e-12)
+
+
+def test_checkpoints_from_before_the_rename_still_load_and_resume(tmp_path):
+    """Files written before `token_kind` was named so store `token`; a field this reg.py does not know is refused."""
+    m = randomize(tiny()).train()
+    ema = copy.deepcopy(m).requires_grad_(False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    old = reg.asdict(m.cfg)
+    old["token"] = old.pop("token_kind")
+    assert reg.config_from_dict(old) == m.cfg
+    with pytest.raises(ValueError, match="does not know"):
+        reg.config_from_dict(dict(old, future_field=1))
+    reg.save_checkpoint(str(tmp_path / "0000001.pt"), dict(model=m.state_dict(), ema=ema.state_dict(),
+                        opt=opt.state_dict(), scaler=None, step=1, config=old,
+                        rng=dict(torch=torch.get_rng_state(), python=random.getstate(), cuda=[])))  # fmt: skip
+    state = reg.Run(str(tmp_path)).resume(m, ema, torch.optim.AdamW(m.parameters(), lr=1e-3))
+    assert state["step"] == 1
