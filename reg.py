@@ -17,21 +17,26 @@ Names: `cond` the adaLN conditioning (time + label), `cls` / `cls_t` / `v_cls` t
 `feats` the frozen encoder's output (class token, patch tokens), `x_t` / `v` the noised image / its velocity.
 Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what REG adds to SiT+REPA.
 
-Part A (sections 1-7) is the method: copy it on its own, it never uses Part B.
-Part B (section 8) is the training kit the scripts share: EMA, run folders with exact resume, devices, timing, metrics.
+Part A (sections 1-7) is the method: copy it on its own, it never uses Part B. A copier's round trip:
+    model = make_model("SiT-B/2", "reg", input_size=32, in_channels=3, num_classes=10)   or  load_model("file.pt")
+    loss = reg_loss(model, x, y, encoder(images))["loss"];  ema_update(ema, model)
+    images, tokens = sample(ema, noise, y, token_noise);  save_model("file.pt", ema)
+Part B (sections 8-9) is the training kit the scripts share: run folders, devices, speed, FD, plots, diagnostics.
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
+import resource
 import signal
-import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -205,6 +210,11 @@ class SiTConfig:
     encoder_dim: int = 768  # E: width of the frozen encoder (DINOv2 ViT-B/14)
     encoder_depth: int = 8  # REPA/REG: 1-based block whose output is aligned (4 for B, 8 for L/XL)
     projector_dim: int = 2048  # REPA projector MLP width
+    token_dim: int = 0  # K, the token's width: 0 = E (the paper); ours: K < E keeps its top-K principal directions
+
+    @property
+    def token_width(self):  # [REG] the width of the token the model denoises: K, or E
+        return self.token_dim or self.encoder_dim
 
     @property
     def grid(self):  # patch tokens per side
@@ -237,7 +247,7 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         if cfg.entangled:  # [REG]
-            self.token_embedder = nn.Linear(E, D)  # [REG] W_cls: E -> D
+            self.token_embedder = nn.Linear(cfg.token_width, D)  # [REG] W_cls: E -> D
             self.token_norm = nn.LayerNorm(D, eps=1e-6)  # [REG] LayerNorm with affine
         if cfg.token_kind == "learned":  # [REG]
             self.learned_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)  # [REG] ablation: a learnable token
@@ -253,13 +263,36 @@ class SiT(nn.Module):
                 nn.SiLU(),  # [REPA]
                 nn.Linear(P, E),  # [REPA]
             )  # [REPA]
-        token_dim = E if cfg.entangled else None  # [REG]
+        if cfg.entangled and cfg.token_dim:  # [REG] ours: the token on its top-K principal directions
+            self.register_buffer("token_mean", torch.zeros(E))  # [REG] (E,) set by set_token_basis
+            self.register_buffer("token_basis", torch.zeros(E, cfg.token_dim))  # [REG] (E, K) orthonormal columns
+        token_dim = cfg.token_width if cfg.entangled else None  # [REG]
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_dim, slots)  # [REG] both heads
         self.initialize_weights()
+        if cfg.entangled and cfg.token_width > D:  # [REG]
+            warnings.warn(  # [REG]
+                f"the REG token is {cfg.token_width} wide but the model only {D}: at most {D} of its directions pass "
+                "through the model, so its velocity cannot be learned. Use a wider model, a narrower encoder, or "
+                f"token_dim <= {D} (--token-dim: the token on its top principal directions)",
+                stacklevel=2,
+            )
 
     @property
     def entangled(self):
         return self.cfg.entangled
+
+    def token_of(self, feats):  # [REG]
+        """The token this model denoises (B, K or E): token_target, on the top-K directions when token_dim is set."""
+        cls = token_target(self.cfg, feats)  # [REG] (B, E)
+        if self.cfg.token_dim:  # [REG]
+            cls = (cls.float() - self.token_mean) @ self.token_basis  # [REG] (B, K)
+        return cls  # [REG]
+
+    def set_token_basis(self, tokens):  # [REG]
+        """Fit the projection of token_dim to encoder tokens (N, E): their mean and top principal directions."""
+        mean, basis = principal_directions(tokens, self.cfg.token_dim)  # [REG]
+        self.token_mean.copy_(mean)  # [REG]
+        self.token_basis.copy_(basis)  # [REG]
 
     def initialize_weights(self):
         for m in self.modules():
@@ -284,7 +317,7 @@ class SiT(nn.Module):
         """x (B, C, H, W), t (B,), y (B,), cls (B, E) the noised token -> (v (B, C, H, W), v_cls (B, E), z_hat (B, N, E)).
         v_cls is None without an entangled token; z_hat is None outside training or without REPA."""
         cfg = self.cfg
-        check_inputs(cfg, x, cls)
+        check_inputs(cfg, x, t, y, cls)
         B = x.shape[0]
         h = self.x_embedder(x)  # (B, T, D)
         if cfg.entangled:  # [REG]
@@ -309,23 +342,36 @@ def check_config(cfg):
     if cfg.token_kind not in TOKEN_KINDS:
         raise ValueError(f"unknown token kind {cfg.token_kind!r}: use one of {', '.join(TOKEN_KINDS)}")
     if cfg.input_size % cfg.patch_size:
-        raise ValueError(f"input_size {cfg.input_size} is not a multiple of patch_size {cfg.patch_size}")
+        raise ValueError(f"input_size {cfg.input_size} is not a multiple of patch_size {cfg.patch_size}: the patch "
+                         "grid must tile the input")  # fmt: skip
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"num_heads {cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
+    if not 0 <= cfg.token_dim <= cfg.encoder_dim:
+        raise ValueError(
+            f"token_dim {cfg.token_dim} must lie in 0..encoder_dim ({cfg.encoder_dim}); 0 = the whole token"
+        )
     if cfg.repa and not 1 <= cfg.encoder_depth <= cfg.depth:
         raise ValueError(f"encoder_depth {cfg.encoder_depth} must lie in 1..depth ({cfg.depth})")
 
 
-def check_inputs(cfg, x, cls):
-    """Refuse inputs of the wrong shape before they reach a layer (whose error would not name the cause)."""
+def check_inputs(cfg, x, t, y, cls):
+    """Refuse inputs of the wrong shape, and labels out of range, before they reach a layer (whose error would not name
+    the cause). The label check reads y only where it lives on the CPU: on a GPU it would wait for the queue."""
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if tuple(x.shape[1:]) != expected:
         raise ValueError(
             f"the model expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}: "
             "check the image size and channels, or build the model to match"
         )
-    if cfg.entangled and (cls is None or tuple(cls.shape) != (x.shape[0], cfg.encoder_dim)):  # [REG]
+    if tuple(t.shape) != (x.shape[0],) or tuple(y.shape) != (x.shape[0],):
+        raise ValueError(f"t and y must be (B,) = ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+    if y.device.type == "cpu" and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= cfg.num_classes:
+        raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1} ({cfg.num_classes} = the null label of CFG), "
+                         f"got {int(y.min())}..{int(y.max())}: build the model with num_classes to match the data")  # fmt: skip
+    if cfg.entangled and (cls is None or tuple(cls.shape) != (x.shape[0], cfg.token_width)):  # [REG]
         got = None if cls is None else tuple(cls.shape)  # [REG]
         raise ValueError(  # [REG]
-            f"the REG token must be (B, E) = ({x.shape[0]}, {cfg.encoder_dim}), got {got}: "
+            f"the REG token must be (B, E) = ({x.shape[0]}, {cfg.token_width}), got {got}: "
             "the encoder width must equal encoder_dim"
         )
 
@@ -347,10 +393,11 @@ ENCODERS = {
 
 class FrozenEncoder(nn.Module):
     """A frozen timm model that maps images (uint8 or [-1, 1]) to feats = (class token (B, E), patches (B, grid^2, E)).
-    A ViT sees images resized so that its patch grid is the SiT grid; a CNN its own size, its map resampled to the grid
-    and its pooled vector playing the class token."""
+    A ViT sees images resized so that its patch grid is the SiT grid; a CNN `size` px (default: its own), its map
+    resampled to the grid and its pooled vector playing the class token. Patches are in row-major grid order, as the
+    SiT's tokens: an own feature map (B, E, g, g) fits as rearrange(f, "b e h w -> b (h w) e")."""
 
-    def __init__(self, net, grid):
+    def __init__(self, net, grid, size=None):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.grid = grid
@@ -365,7 +412,11 @@ class FrozenEncoder(nn.Module):
             self.size = grid * net.patch_embed.patch_size[0]
             net.set_input_size(img_size=(self.size, self.size))  # resamples the position embedding once
         else:
-            self.size = pretrained_cfg["input_size"][-1]
+            self.size = size or pretrained_cfg["input_size"][-1]
+
+    def train(self, mode=True):
+        """Frozen: stays in eval mode (BatchNorm statistics fixed) whatever a parent module's .train() asks."""
+        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images):  # images (B, 3, H, W), uint8 or [-1, 1]
@@ -374,6 +425,7 @@ class FrozenEncoder(nn.Module):
         if images.dtype == torch.uint8:
             x = images.float() / 255  # (B, 3, H, W) in [0, 1]
         else:
+            check_signed_range(images)
             x = (images.float() + 1) / 2
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
@@ -388,9 +440,18 @@ class FrozenEncoder(nn.Module):
         return pooled, rearrange(fmap, "b e h w -> b (h w) e")  # (B, E), (B, T, E)
 
 
-def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--encoder-weights"):
+def check_signed_range(images):
+    """Float images must be in [-1, 1]: a [0, 1] tensor (torchvision's ToTensor) would pass silently, darker."""
+    low, high = torch.aminmax(images.detach().float())
+    if low < -1.01 or high > 1.01 or low >= 0:
+        raise ValueError(f"float images must lie in [-1, 1] (or pass uint8), got values in [{low:.3g}, {high:.3g}]: "
+                         "for ToTensor's [0, 1] pass images * 2 - 1")  # fmt: skip
+
+
+def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--encoder-weights", size=None):
     """DINOv2 (`dinov2-{s,b,l,g}[-reg]`) or any timm model by name. `weights`: a local file (offline), None to fetch
-    from the Hugging Face hub, or 'random' for an untrained copy of the architecture (tests)."""
+    from the Hugging Face hub, or 'random' for an untrained copy of the architecture (tests). Weights load strictly:
+    a file of another architecture is an error, never a random encoder. `size`: a CNN's input side (default its own)."""
     import timm
 
     arch = ENCODERS.get(name, name)
@@ -402,16 +463,28 @@ def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--e
     if local_file and not os.path.isfile(weights):
         raise ValueError(f"encoder weights file {weights!r} does not exist")
     overlay = dict(file=weights) if local_file else None
-    try:
-        net = timm.create_model(arch, pretrained=weights != "random", num_classes=0, pretrained_cfg_overlay=overlay)
+    try:  # with the checkpoint's own head timm loads strictly; the head is dropped after
+        net = timm.create_model(arch, pretrained=weights != "random", pretrained_cfg_overlay=overlay)
     except Exception as e:
         hub = timm.models.get_pretrained_cfg(arch).hf_hub_id or arch
+        fix = f"pass the weights of {arch} as {flag}" if local_file else "Offline?"
         raise RuntimeError(
-            f"could not load weights for encoder {arch} ({type(e).__name__}: {str(e)[:200]}). Offline? "
-            f"Download https://huggingface.co/{hub}/resolve/main/model.safetensors and pass its path "
+            f"could not load weights for encoder {arch} ({type(e).__name__}: {str(e)[:200]}). {fix}: "
+            f"download https://huggingface.co/{hub}/resolve/main/model.safetensors and pass its path "
             f"as {flag} (load_encoder(weights=...))."
         ) from None
-    return FrozenEncoder(net, grid).to(device)
+    net.reset_classifier(0)
+    return FrozenEncoder(net, grid, size).to(device)
+
+
+def principal_directions(tokens, k):  # [REG]
+    """Tokens (N, E) -> (mean (E,), the top-k eigenvectors of their covariance (E, k), by decreasing variance)."""
+    tokens = tokens.double()  # [REG]
+    mean = tokens.mean(0)  # [REG] (E,)
+    variances, vectors = torch.linalg.eigh(torch.cov(tokens.T))  # [REG] ascending
+    basis = vectors.flip(1)[:, :k]  # [REG] (E, k), largest variance first
+    signs = basis.gather(0, basis.abs().argmax(0, keepdim=True)).sign()  # [REG] (1, k) largest entry positive
+    return mean.float(), (basis * signs).float()  # [REG]
 
 
 def token_target(cfg, feats):  # [REG]
@@ -451,29 +524,37 @@ def sample_time(n, weighting="uniform", path="linear", device="cpu"):
 
 
 def unwrap(model):
-    """The SiT inside a DDP or torch.compile wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    """The SiT inside DDP and torch.compile wrappers (DDP(compile(model)) too)."""
+    while True:
+        inner = getattr(model, "module", None)  # DDP
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)  # torch.compile
+        if inner is None:
+            return model
+        model = inner
 
 
-def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighting="uniform", label_dropout=0.1):
-    """x (B, C, H, W) clean input, y (B,) labels, feats = (class token (B, E), patch tokens (B, T, E)) of the frozen
-    encoder. Returns a dict of scalars: loss (what to backpropagate), denoise, denoise_cls, align."""
+def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighting="uniform", label_dropout=0.1,
+             t=None, noise=None):  # fmt: skip
+    """x (B, C, H, W) clean input, y (B,) labels, feats = (class token (B, E), patch tokens (B, T, E), row-major over
+    the SiT grid) of the frozen encoder; reg-noalign needs only the class token: (cls, None). Returns a dict of
+    scalars: loss (what to backpropagate), denoise, denoise_cls, align. `t` (B,) and `noise` = (eps, eps_cls) fix the
+    draws (loss_per_t_bin). A model in eval mode has no REPA projection: align is 0 (a validation loss)."""
     cfg = unwrap(model).cfg
     check_feats(cfg, feats)
     B = x.shape[0]
-    t = sample_time(B, weighting, path, x.device)  # (B,)
+    if t is None:
+        t = sample_time(B, weighting, path, x.device)  # (B,)
     alpha, sigma, d_alpha, d_sigma = interpolant(t, path)  # 4 x (B,)
     alpha_x = alpha.view(B, 1, 1, 1)
     sigma_x = sigma.view(B, 1, 1, 1)
-    eps = torch.randn_like(x)  # (B, C, H, W)
+    eps, eps_cls = noise or (torch.randn_like(x), None)  # (B, C, H, W)
     x_t = alpha_x * x + sigma_x * eps  # (B, C, H, W)
     v = d_alpha.view(B, 1, 1, 1) * x + d_sigma.view(B, 1, 1, 1) * eps  # (B, C, H, W)
     cls_t = None  # [REG]
     if cfg.entangled:  # [REG]
-        cls = token_target(cfg, feats)  # [REG] (B, E)
-        eps_cls = torch.randn_like(cls)  # [REG] its own noise, the same t
+        cls = unwrap(model).token_of(feats)  # [REG] (B, E)
+        eps_cls = torch.randn_like(cls) if eps_cls is None else eps_cls  # [REG] its own noise, the same t
         cls_t = alpha[:, None] * cls + sigma[:, None] * eps_cls  # [REG] (B, E)
         v_cls = d_alpha[:, None] * cls + d_sigma[:, None] * eps_cls  # [REG] (B, E)
     drop = torch.rand(B, device=y.device) < label_dropout
@@ -484,7 +565,7 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighti
     align = x.new_zeros(())
     if cfg.entangled:  # [REG]
         denoise_cls = (v_cls_hat.float() - v_cls).pow(2).mean()  # [REG]
-    if cfg.repa:  # [REPA]
+    if z_hat is not None:  # [REPA] training mode
         z = alignment_target(cfg, feats)  # [REPA] (B, N, E)
         similarity = F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)  # [REPA] (B, N, E)
         align = -similarity.sum(-1).mean()  # [REPA] mean over tokens of -cos
@@ -503,14 +584,29 @@ def alignment_target(cfg, feats):  # [REPA]
 
 def check_feats(cfg, feats):
     """Refuse missing or misshapen encoder features, naming the fix."""
-    if cfg.needs_encoder and feats is None:
+    needs_patches = cfg.repa or cfg.token_kind == "mean"
+    if cfg.needs_encoder and (feats is None or len(feats) != 2):
         raise ValueError("this method needs the frozen encoder's features: pass feats=(cls, patches)")
-    if feats is not None and tuple(feats[1].shape[1:]) != (cfg.grid**2, cfg.encoder_dim):
+    if needs_patches and feats[1] is None:
+        raise ValueError("this method aligns or averages the patch tokens: pass feats=(cls, patches), not (cls, None)")
+    if cfg.entangled and tuple(feats[0].shape[1:]) != (cfg.encoder_dim,):
+        raise ValueError(f"the encoder's class token is {tuple(feats[0].shape)}, the model's encoder_dim "
+                         f"{cfg.encoder_dim}: build the model with the encoder's width")  # fmt: skip
+    if needs_patches and tuple(feats[1].shape[1:]) != (cfg.grid**2, cfg.encoder_dim):
         raise ValueError(
             f"encoder patch tokens have shape {tuple(feats[1].shape[1:])} but the SiT grid needs (T, E) = "
             f"({cfg.grid**2}, {cfg.encoder_dim}): the encoder's patch grid must equal the SiT grid "
             "(load_encoder(grid=...))"
         )
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay=0.9999):
+    """ema <- decay * ema + (1 - decay) * model, every step (the release's EMA)."""
+    pairs = [(e, m) for e, m in zip(ema.parameters(), unwrap(model).parameters()) if m.requires_grad]
+    ema_params = [e for e, _ in pairs]
+    model_params = [m for _, m in pairs]
+    torch._foreach_lerp_(ema_params, model_params, 1 - decay)
 
 
 # 6. Samplers (SiT Sec. 2; REG Sec. 3): one loop moves the pair (x, cls) from t = 1 to t = 0 ---------------------------
@@ -533,27 +629,29 @@ def clean_estimate(v, x_t, t, path="linear"):
 
 
 def guided_velocity(model, x, cls, t, y, null_label, cfg_scale, cls_cfg_scale, guide, dtype):
-    """One network evaluation at time t -> (v, v_cls) in the state's dtype. With `guide` the batch runs twice (labels y
-    and the null label, the same x and cls) and v = v_uncond + scale (v_cond - v_uncond); the token has its own scale
-    (<= 0: its conditional velocity). A token of width 0 stands for a model without one."""
+    """One network evaluation at time t (a 0-d tensor on the device) -> (v, v_cls) in the state's dtype. With `guide`
+    the batch runs twice (labels y and the null label, the same x and cls) and each velocity is v_uncond + scale
+    (v_cond - v_uncond): scale 1 is the conditional velocity, 0 the unconditional one, for the image and the token
+    alike. A token of width 0 stands for a model without one."""
     has_token = cls.shape[1] > 0  # [REG]
     if guide:
         x = torch.cat([x, x])  # (2B, C, H, W)
         cls = torch.cat([cls, cls])  # [REG] (2B, E)
         y = torch.cat([y, torch.full_like(y, null_label)])  # (2B,)
-    t_batch = torch.full((len(y),), t, dtype=dtype, device=y.device)  # (B,) or (2B,)
+    t_dtype = torch.promote_types(dtype, torch.float32)  # t never rounded to bf16 (~0.004 near t = 1)
+    t_batch = t.to(t_dtype).expand(len(y))  # (B,) or (2B,)
     cls_in = cls.to(dtype) if has_token else None  # [REG]
-    v, v_cls = model(x.to(dtype), t_batch, y, cls_in)[:2]
-    v = v.to(x.dtype)  # (B or 2B, C, H, W)
-    v_cls = v_cls.to(cls.dtype) if has_token else torch.zeros_like(cls)  # [REG] (B or 2B, E)
+    out = model(x.to(dtype), t_batch, y, cls_in)
+    if not isinstance(out, (tuple, list)) or len(out) < 2:
+        raise TypeError(f"the model must return a tuple (v, v_cls, ...) (v_cls None without a token), got {type(out)}")
+    v = out[0].to(x.dtype)  # (B or 2B, C, H, W)
+    v_cls = out[1].to(cls.dtype) if has_token else torch.zeros_like(cls)  # [REG] (B or 2B, E)
     if not guide:
         return v, v_cls
     v_cond, v_uncond = v.chunk(2)
     v = v_uncond + cfg_scale * (v_cond - v_uncond)
     v_cls_cond, v_cls_uncond = v_cls.chunk(2)  # [REG]
     v_cls = v_cls_uncond + cls_cfg_scale * (v_cls_cond - v_cls_uncond)  # [REG]
-    if cls_cfg_scale <= 0:  # [REG] a token scale <= 0 turns its guidance off
-        v_cls = v_cls_cond  # [REG]
     return v, v_cls
 
 
@@ -567,18 +665,33 @@ def sampling_times(steps, mode):
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
+def sampling_labels(model, x, y, null_label):
+    """The null label (the model's num_classes unless given) and the labels: y=None samples without a label (the null
+    label); labels outside 0..null_label are refused (one check, before the loop)."""
+    cfg = getattr(unwrap(model), "cfg", None)
+    if null_label is None and cfg is not None:
+        null_label = cfg.num_classes
+    if y is None and null_label is None:
+        raise ValueError("y=None samples with the null label, which this model does not tell: pass null_label")
+    if y is None:
+        y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
+    if null_label is not None and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= null_label:
+        raise ValueError(f"labels must lie in 0..{null_label} (the null label), got {int(y.min())}..{int(y.max())}")
+    return y, null_label
+
+
 @torch.no_grad()
 def sample(
     model,
     x,
-    y,
+    y=None,
     cls=None,
     steps=250,
     mode="sde",
     cfg_scale=1.0,
     cls_cfg_scale=None,
     interval=(0.0, 1.0),
-    null_label=1000,
+    null_label=None,
     path="linear",
     state_dtype=None,
     noise=torch.randn_like,
@@ -586,8 +699,12 @@ def sample(
 ):
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns (x, cls) at t = 0 (cls None without a token).
     mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler' / 'heun': the probability-flow
-    ODE dx/dt = v. CFG only where low <= t <= high. `model`: any callable (x, t, y, cls) -> (v, v_cls, ...). `noise(u)`
-    draws the SDE's noise (per-sample generators make seeds shard-proof); `trace` receives (t, clean estimate) per step."""
+    ODE dx/dt = v. CFG where low <= t <= high and either scale differs from 1: each velocity is v_uncond + scale
+    (v_cond - v_uncond), so 1 is conditional and 0 unconditional; cls_cfg_scale defaults to cfg_scale. y=None: the
+    null label; null_label defaults to the model's num_classes. `model`: any callable (x, t, y, cls) -> (v, v_cls, ...).
+    `noise(u)` draws the SDE's noise; `trace` receives (t, clean estimate) per step. The loop never waits for the
+    device: the time grid is copied there once."""
+    y, null_label = sampling_labels(model, x, y, null_label)
     dtype = x.dtype  # the model's input dtype
     if state_dtype is None:
         state_dtype = torch.float64 if x.device.type == "cpu" else torch.float32  # float64 is slow on GPUs
@@ -598,16 +715,19 @@ def sample(
         cls = x.new_zeros(x.shape[0], 0)  # a token of width 0: the same loop serves models without one
     x = x.to(state_dtype)  # (B, C, H, W)
     cls = cls.to(state_dtype)  # [REG] (B, E)
-    times = sampling_times(steps, mode).tolist()  # checks mode and steps first
+    grid = sampling_times(steps, mode)  # checks mode and steps first
+    times = grid.tolist()  # the loop's control flow, on the host
+    times_on_device = grid.to(x.device)  # the model's t, copied once
+    scales = (cfg_scale, cls_cfg_scale)
+    guided = cfg_scale != 1.0 or cls_cfg_scale != 1.0
     for i in range(steps):
         t = times[i]
         t_next = times[i + 1]
         dt = t_next - t  # < 0: from noise to data
         last = i == steps - 1
-        guide = cfg_scale != 1.0 and interval[0] <= t <= interval[1]
-        scales = (cfg_scale, cls_cfg_scale)
-        t_state = torch.tensor(t, dtype=x.dtype, device=x.device)
-        v, v_cls = guided_velocity(model, x, cls, t, y, null_label, *scales, guide, dtype)
+        guide = guided and interval[0] <= t <= interval[1]
+        t_state = times_on_device[i].to(state_dtype)
+        v, v_cls = guided_velocity(model, x, cls, t_state, y, null_label, *scales, guide, dtype)
         if trace is not None:
             trace.append((t, clean_estimate(v, x, t_state, path).to(dtype)))
         drift = v  # the ODE moves along v
@@ -621,7 +741,9 @@ def sample(
             x_next = x_next + math.sqrt(2 * t * abs(dt)) * noise(x_next)
             cls_next = cls_next + math.sqrt(2 * t * abs(dt)) * noise(cls_next)  # [REG]
         if mode == "heun" and not last:  # Heun: the average of the slopes at t and t_next
-            v_next, v_cls_next = guided_velocity(model, x_next, cls_next, t_next, y, null_label, *scales, guide, dtype)
+            t_state_next = times_on_device[i + 1].to(state_dtype)
+            v_next, v_cls_next = guided_velocity(model, x_next, cls_next, t_state_next, y, null_label, *scales, guide,
+                                                 dtype)  # fmt: skip
             x_next = x + dt * ((drift + v_next) / 2)
             cls_next = cls + dt * ((drift_cls + v_cls_next) / 2)  # [REG]
         x = x_next
@@ -661,15 +783,19 @@ def make_model(preset="SiT-XL/2", method="reg", **overrides):
     return SiT(SiTConfig(**settings))
 
 
-def config_from_dict(fields):
-    """The SiTConfig a checkpoint stores (asdict). Files written before `token_kind` was named so call it `token`."""
-    fields = dict(fields)
-    if "token" in fields:
-        fields["token_kind"] = fields.pop("token")
-    unknown = sorted(set(fields) - set(SiTConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"the checkpoint's config has fields this reg.py does not know ({unknown}): a newer file?")
-    return SiTConfig(**fields)
+def config_from_dict(stored):
+    """The SiTConfig a checkpoint stores (asdict). Every field that shapes the function must be there (a default would
+    be a guess); token_dim came later and means 0 when absent. Files written before `token_kind` was named say `token`."""
+    stored = dict(stored)
+    if "token" in stored:
+        stored["token_kind"] = stored.pop("token")
+    known = {f.name for f in fields(SiTConfig)}
+    unknown = sorted(set(stored) - known)
+    missing = sorted(known - set(stored) - {"token_dim"})
+    if unknown or missing:
+        raise ValueError(f"the stored config has unknown fields {unknown} and lacks {missing}: it comes from another "
+                         "version of reg.py; build SiTConfig(...) yourself and use load_weights")  # fmt: skip
+    return SiTConfig(**stored)
 
 
 # the release's parameter names -> ours (everything else has the same name)
@@ -692,10 +818,23 @@ def rename_to_official(key):
     return key
 
 
+def check_state_dict(sd):
+    """Refuse what is not a state dict, naming the fix (a whole checkpoint: take its ['ema'])."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"expected a state dict (a dict of tensors), got {type(sd).__name__}")
+    inner = [k for k in ("ema", "model") if isinstance(sd.get(k), dict)]
+    if inner:
+        raise ValueError(f"this is a whole checkpoint (keys {sorted(map(str, sd))[:6]}): pass its [{inner[0]!r}]")
+    if not torch.is_tensor(sd.get("x_embedder.proj.weight")):
+        raise ValueError(f"not a SiT state dict (no x_embedder.proj.weight among {len(sd)} keys): pass a SiT's weights")
+
+
 def config_from_state_dict(sd):
     """Read a SiTConfig off a state dict (ours or the release's): widths, depth, patch, grid, classes, token parts.
-    Heads and the REPA block are not stored: they come from the preset of the same depth, width and patch."""
-    sd = {rename_official(k): v for k, v in sd.items()}
+    Heads and the REPA block are not stored: they come from the preset of the same depth, width and patch; with no
+    such preset this is an error (a guessed head count would compute another function)."""
+    sd = {rename_official(k.removeprefix("module.").removeprefix("_orig_mod.")): v for k, v in sd.items()}
+    check_state_dict(sd)
     D, C, p, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     if "token_embedder.weight" in sd:
@@ -706,9 +845,14 @@ def config_from_state_dict(sd):
         token_kind = "none"
     T = sd["pos_embed"].shape[1] - int(token_kind != "none")
     matching = [v for v in PRESETS.values() if (v["depth"], v["hidden_size"], v["patch_size"]) == (depth, D, p)]
-    preset = matching[0] if matching else dict(num_heads=max(1, D // 64), encoder_depth=min(8, depth))
+    if not matching:
+        raise ValueError(f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
+                         "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model")  # fmt: skip
     repa = "projector.0.weight" in sd
-    if token_kind == "cls":
+    token_dim = sd["token_basis"].shape[1] if "token_basis" in sd else 0
+    if "token_mean" in sd:
+        encoder_dim = sd["token_mean"].shape[0]
+    elif token_kind == "cls":
         encoder_dim = sd["final_layer.linear_cls.weight"].shape[0]
     elif repa:
         encoder_dim = sd["projector.4.weight"].shape[0]
@@ -720,19 +864,22 @@ def config_from_state_dict(sd):
         patch_size=p,
         depth=depth,
         hidden_size=D,
-        num_heads=preset["num_heads"],
+        num_heads=matching[0]["num_heads"],
         num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
         qk_norm="blocks.0.attn.q_norm.weight" in sd,
         repa=repa,
         token_kind=token_kind,
         encoder_dim=encoder_dim,
-        encoder_depth=preset["encoder_depth"],
+        encoder_depth=matching[0]["encoder_depth"],
         projector_dim=sd["projector.0.weight"].shape[0] if repa else 2048,
+        token_dim=token_dim,
     )
 
 
 def load_weights(model, sd):
     """Load our or the release's state dict strictly; a mismatch raises a ValueError that says what differs."""
+    check_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+                     if isinstance(sd, dict) else sd)  # fmt: skip
     sd = {rename_official(k.removeprefix("module.").removeprefix("_orig_mod.")): v for k, v in sd.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -746,18 +893,27 @@ def load_weights(model, sd):
             if keys:
                 more = " ..." if len(keys) > 6 else ""
                 problems += f"\n  {what} ({len(keys)}): {', '.join(keys[:6])}{more}"
-        fit = asdict(config_from_state_dict(sd)) if "x_embedder.proj.weight" in sd else "unknown"
-        raise ValueError(f"checkpoint does not fit the model:{problems}\nA config that fits the checkpoint: {fit}")
+        raise ValueError(f"checkpoint does not fit the model:{problems}\nbuild the model from the file's config "
+                         "(load_model), or pass the checkpoint of this model")  # fmt: skip
     on_meta = next(model.parameters()).is_meta  # a model built on 'meta' takes the tensors without a copy
     model.load_state_dict(sd, strict=True, assign=on_meta)
     return model
 
 
 def load_checkpoint(path):
-    """torch.load a checkpoint safely (weights_only); the release's pickled argparse.Namespace is allowed as data."""
+    """A checkpoint file's contents: torch.load safely (weights_only; the release's pickled argparse.Namespace is
+    allowed as data), or a .safetensors file as dict(ema=weights, config=...) (the config from its metadata)."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+                weights = {k: f.get_tensor(k) for k in f.keys()}
+            config = json.loads(metadata["config"]) if "config" in metadata else None
+            return dict(ema=weights, config=config) if config else weights
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -767,134 +923,142 @@ def load_checkpoint(path):
         ) from None
 
 
+def load_model(path, weights="ema"):
+    """A SiT from a file, in eval mode on the CPU: ours (save_model's, or a training checkpoint), the release's .pt, a
+    bare state dict, or a .safetensors. `weights`: 'ema' (what the paper samples) or 'model'."""
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint: pass a SiT checkpoint")
+    bare = all(torch.is_tensor(v) for v in checkpoint.values())
+    sd = checkpoint if bare else checkpoint.get(weights)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} has no {weights!r} weights (its keys: {sorted(map(str, checkpoint))[:8]})")
+    config = None if bare else checkpoint.get("config")
+    cfg = config_from_dict(config) if config else config_from_state_dict(sd)
+    release_args = None if bare else checkpoint.get("args")  # the release's Namespace: its REPA block
+    cfg.encoder_depth = getattr(release_args, "encoder_depth", cfg.encoder_depth)
+    return load_weights(SiT(cfg), sd).eval()
+
+
+def save_model(path, model):
+    """Weights with their config in one file, atomically: .pt = dict(ema=weights, config), or .safetensors with the
+    config in its metadata. load_model reads both back."""
+    net = unwrap(model)
+    weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    config = asdict(net.cfg)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(weights, path + ".tmp", metadata=dict(config=json.dumps(config)))
+    else:
+        torch.save(dict(ema=weights, config=config), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 # ======================================================================================================================
 # PART B. THE TRAINING KIT (what train_cifar.py, train_imagenet.py and sample.py share; Part A never uses it)
 # ======================================================================================================================
 
-# 8. EMA, run folders with exact resume, stopping, devices, timing, FLOPs, metrics, the VAE -----------------------------
+# 8. Run folders, stopping, devices, command-line numbers, speed, FD, the VAE ------------------------------------------
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay=0.9999):
-    """ema <- decay * ema + (1 - decay) * model, every step (the release's EMA)."""
-    pairs = [(e, m) for e, m in zip(ema.parameters(), unwrap(model).parameters()) if m.requires_grad]
-    ema_params = [e for e, _ in pairs]
-    model_params = [m for _, m in pairs]
-    torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint; a full disk or a
+    read-only folder is an error in words, and the temporary file is removed."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise ValueError(f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder; "
+                         "the files written before are intact") from None  # fmt: skip
 
 
-def save_checkpoint(path, state, keep=None):
-    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint. Keeps the last `keep`."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    if keep:
-        for old in list_checkpoints(folder)[:-keep]:
-            os.remove(old)
-
-
-def list_checkpoints(folder):
-    """Our checkpoints in a run folder (named by step, zero-padded), oldest first."""
+def checkpoints(folder):
+    """A run folder's checkpoints (NNNNNNN.pt, named by step), oldest first."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return sorted(os.path.join(folder, f) for f in names if f.endswith(".pt") and f[:-3].isdigit())
 
 
+def save_training_state(folder, step, model, ema, opt, scaler, args, keep=3, **extra):
+    """The checkpoint NNNNNNN.pt: one dict (model, EMA, optimiser, scaler, step, RNG states, the run's settings and
+    the script's extras), the same shape as nanoGPT's; the newest `keep` are kept (0: all)."""
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may run on fewer GPUs
+    state = dict(model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                 scaler=scaler.state_dict(), step=step, rng=rng, args=args, config=asdict(ema.cfg), **extra)  # fmt: skip
+    save_checkpoint(os.path.join(folder, f"{step:07d}.pt"), state)
+    for old in checkpoints(folder)[:-keep] if keep else []:
+        os.remove(old)
+
+
+def resume(folder, args, must_match, model, ema, opt, scaler):
+    """Load the newest checkpoint of `folder` into the objects and return its dict. Every setting in `must_match`
+    (args is a dict) must equal the checkpoint's, else a ValueError lists what differs; the others may change and
+    are printed and logged."""
+    path = checkpoints(folder)[-1]
+    state = load_checkpoint(path)
+    old = state["args"]
+    differ = [f"{k}: checkpoint {old.get(k)!r}, now {args.get(k)!r}" for k in must_match if old.get(k) != args.get(k)]
+    if differ:
+        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}): resume with the original "
+                         "settings, or start a new run in another folder")  # fmt: skip
+    if args["steps"] < state["step"]:
+        raise ValueError(f"{path} is at step {state['step']}, past --steps {args['steps']}: raise --steps to continue")
+    changed = {k: [old.get(k), v] for k, v in args.items() if k not in must_match and old.get(k) != v}
+    log(folder, step=state["step"], resumed=True, changed=changed)
+    print(f"resume from {path}; changed: {changed or 'nothing'}")
+    load_weights(unwrap(model), state["model"])
+    load_weights(ema, state["ema"])
+    opt.load_state_dict(state["opt"])
+    for group in opt.param_groups:  # a changed learning rate wins over the saved one
+        group["lr"] = args.get("lr", group["lr"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state
+
+
+def lock_folder(folder):
+    """One process per run folder: an exclusive lock on <folder>/lock, held until the process ends (the kernel frees
+    it on any exit, kill -9 included). Returns the open file; keep it."""
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, "lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"another process is writing to {folder}: wait for it to end, or pass another --out") from None
+    return handle
+
+
+def log(folder, **record):
+    """Append one record to <folder>/log.jsonl (append-only: a resume adds a `resumed` record, see read_log)."""
+    record = {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
+    with open(os.path.join(folder, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def read_log(path):
-    """The records of a log.jsonl; a torn last line (a kill in mid-write) is dropped."""
+    """The records of a log.jsonl as one run saw them: a torn line (a kill in mid-write) is skipped wherever it is,
+    and a `resumed` record at step s drops the records past s written before it (the steps redone after the resume)."""
     records = []
-    if not os.path.isfile(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # only the last line can be torn
+    lines = open(path).read().splitlines() if os.path.isfile(path) else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("resumed"):
+            records = [r for r in records if r["step"] <= record["step"]]
+        records.append(record)
     return records
-
-
-class Run:
-    """A run folder: `args.json` (every setting), `log.jsonl` (one line per record), checkpoints `NNNNNNN.pt` (atomic,
-    the last `keep` kept) and exact resume: weights, EMA, optimiser, scaler, step, every RNG, and the script's extras."""
-
-    def __init__(self, folder, keep=3):
-        self.folder = folder
-        self.keep = keep
-        os.makedirs(folder, exist_ok=True)
-
-    def write_args(self, args):
-        with open(os.path.join(self.folder, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1, default=str)
-
-    def log(self, **record):
-        record = {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
-        with open(os.path.join(self.folder, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def save(self, step, model, ema, opt, scaler=None, **extra):
-        rng = dict(
-            torch=torch.get_rng_state(),
-            python=random.getstate(),
-            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        )
-        state = dict(
-            model=unwrap(model).state_dict(),
-            ema=ema.state_dict(),
-            opt=opt.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            step=step,
-            rng=rng,
-            config=asdict(unwrap(model).cfg),
-            **extra,
-        )
-        save_checkpoint(os.path.join(self.folder, f"{step:07d}.pt"), state, self.keep)
-
-    def resume(self, model, ema, opt, scaler=None, must_match=None, may_change=None):
-        """Load the latest checkpoint of the folder into the given objects and cut the log back to its step; returns its
-        dict ({} when there is none). The model's config and the settings in `must_match` (saved as `args=` extra) must
-        equal the checkpoint's, else a ValueError lists what differs; a change of one in `may_change` (the learning
-        rate, say) is allowed and logged."""
-        found = list_checkpoints(self.folder)
-        if not found:
-            self.trim_log(0)
-            return {}
-        state = load_checkpoint(found[-1])
-        old_args = state.get("args", {})
-        cfg = asdict(unwrap(model).cfg)
-        saved = asdict(config_from_dict(state["config"]))  # an older file's field names read as today's
-        differences = [f"--{k.replace('_', '-')}: checkpoint {old_args.get(k)!r}, now {v!r}"
-                       for k, v in (must_match or {}).items() if old_args.get(k) != v]  # fmt: skip
-        differences += [f"{k}: checkpoint {v!r}, now {cfg.get(k)!r}" for k, v in saved.items() if cfg.get(k) != v]
-        if differences:
-            raise ValueError(
-                f"{found[-1]} comes from another configuration:\n  " + "\n  ".join(differences)
-                + "\nresume with the original flags, or start a new run in another folder"
-            )  # fmt: skip
-        self.trim_log(state["step"])
-        changes = {k: (old_args.get(k), v) for k, v in (may_change or {}).items() if old_args.get(k) != v}
-        for k, (old, new) in changes.items():
-            print(f"resume: --{k.replace('_', '-')} changed from {old} to {new} at step {state['step']}")
-            self.log(step=state["step"], note=f"--{k.replace('_', '-')} changed from {old} to {new}")
-        load_weights(unwrap(model), state["model"])
-        load_weights(ema, state["ema"])
-        opt.load_state_dict(state["opt"])
-        for group in opt.param_groups:  # a changed learning rate wins over the saved one
-            group["lr"] = (may_change or {}).get("lr", group["lr"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state
-
-    def trim_log(self, step):
-        """Keep the log records up to `step` (those past the checkpoint are redone), dropping a torn last line."""
-        path = os.path.join(self.folder, "log.jsonl")
-        records = [r for r in read_log(path) if r["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 class GracefulStop:
@@ -914,8 +1078,9 @@ class GracefulStop:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        message = f"{name}: saving a checkpoint after this step (continue with --resume); Ctrl-C again aborts"
-        print("\n" + message, flush=True)
+        print(
+            f"\n{name}: saving a checkpoint after this step (continue with --resume); Ctrl-C again aborts", flush=True
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -924,20 +1089,23 @@ class GracefulStop:
 
 
 def check_finite(record, step, folder):
-    """Stop a run whose loss or gradient went non-finite, pointing at the last good checkpoint and the fix."""
+    """Stop a run whose loss went non-finite, pointing at the last good checkpoint and the fix."""
     bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
-        last = list_checkpoints(folder)[-1] if list_checkpoints(folder) else "none yet"
+        last = checkpoints(folder)[-1] if checkpoints(folder) else "none yet"
         raise RuntimeError(
             f"non-finite values at step {step} ({bad}); nothing was saved. The last good checkpoint is {last}: "
-            "continue it with --resume and a lower --lr (allowed on resume), or use --precision fp32"
+            "continue it with --resume and a lower --lr, or use --precision fp32"
         )
 
 
 def pick_device(name=None):
     """--device default: cuda (under torchrun: this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
     if name:
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -958,13 +1126,13 @@ def autocast(device, precision="bf16"):
 
 
 def number(text, kind, low, high, allowed):
-    """An argparse type: `text` as an int or a float within [low, high], else an error that says what is allowed
-    (argparse adds the flag's name), so a bad value fails when the command line is read, before any work."""
+    """An argparse type: `text` as an int or a float within [low, high] (finite), else an error that says what is
+    allowed (argparse adds the flag's name), so a bad value fails when the command line is read, before any work."""
     try:
         value = kind(text)
     except ValueError:
         value = math.nan
-    if not low <= value <= high:  # NaN fails too
+    if not (math.isfinite(value) and low <= value <= high):  # NaN and inf fail too
         raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
     return value
 
@@ -982,11 +1150,15 @@ def unit_float(text):
 
 
 def nonneg_float(text):
-    return number(text, float, 0.0, 1.7976931348623157e308, "a finite number >= 0")
+    return number(text, float, 0.0, math.inf, "a finite number >= 0")
 
 
 def positive_float(text):
-    return number(text, float, 2.2250738585072014e-308, 1.7976931348623157e308, "a finite number > 0")
+    return number(text, float, 1e-300, math.inf, "a finite number > 0")
+
+
+def finite_float(text):
+    return number(text, float, -math.inf, math.inf, "a finite number")
 
 
 # dense bf16 peak TFLOP/s of common GPUs, for the MFU (nanoGPT's estimate_mfu, per PaLM appendix B)
@@ -1007,69 +1179,37 @@ def model_flops(cfg, train=True):
     block = 2 * N * (4 * D * D + 2 * D * M) + 4 * N * N * D + 12 * D * D  # qkv+proj, MLP, attention, adaLN
     io = 4 * T * p * p * C * D + 4 * D * D + 2 * (256 * D + D * D)  # (un)patchify, final adaLN, t-MLP
     repa = 2 * N * (D * P + P * P + P * E) if cfg.repa and train else 0  # [REPA] projector (training only)
-    token = 4 * E * D if cfg.entangled else 0  # [REG] token in and out
+    token = 4 * cfg.token_width * D if cfg.entangled else 0  # [REG] token in and out
     return cfg.depth * block + io + repa + token
 
 
-def encoder_flops(encoder):
-    """Forward FLOPs per image of a frozen ViT by model_flops' rule; 0 for a CNN or no encoder (plain SiT)."""
-    if encoder is None or not encoder.vit:
-        return 0
-    net = encoder.net
-    N = (encoder.size // net.patch_embed.patch_size[0]) ** 2 + net.num_prefix_tokens
-    weights = sum(p.numel() for p in net.blocks.parameters())
-    return 2 * N * weights + 4 * len(net.blocks) * N * N * encoder.dim
+def speed(images, seconds, flops_per_image, device):
+    """The figures every log record carries: images/s, MFU (the GPU's peak from PEAK_TFLOPS by name; absent
+    elsewhere) and peak memory in GiB (the GPU's, or the process's on a CPU). To split a step into phases, wrap a
+    few steps in torch.profiler.profile() and print key_averages().table()."""
+    images_per_s = images / max(seconds, 1e-9)
+    record = dict(img_per_s=round(images_per_s, 1))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), 0)
+        if peak:
+            record["mfu"] = round(flops_per_image * images_per_s / (peak * 1e12), 4)
+        record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    else:
+        record["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
+    return record
 
 
-class StepTimer:
-    """--bench: milliseconds of each phase of a step (data, encoder, forward+backward, optimiser). On a GPU each mark
-    waits for the queue first, so a phase's time is its own (this slows the step a little; it is a benchmark)."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.steps = []
-        self.last = 0.0
-
-    def now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def start(self):
-        self.steps.append({})
-        self.last = self.now()
-
-    def mark(self, phase):
-        now = self.now()
-        step = self.steps[-1]
-        step[phase] = step.get(phase, 0.0) + (now - self.last) * 1e3
-        self.last = now
-
-    def report(self, images_per_step, flops_per_image, device, warmup, peak_tflops=0):
-        """Medians over the steps after `warmup`: ms per phase, images/s, TFLOP/s, MFU, peak memory."""
-        timed = self.steps[warmup:]
-        phases = list(timed[0])
-        medians = {f"ms_{k}": float(torch.tensor([s[k] for s in timed]).median()) for k in phases}
-        ms_step = float(torch.tensor([sum(s.values()) for s in timed]).median())
-        name = torch.cuda.get_device_name(device) if self.cuda else "cpu"
-        peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0)
-        if self.cuda:
-            memory = torch.cuda.max_memory_allocated(device)
+def fingerprint(*items):
+    """A short hex digest of tensors (by their bytes, any dtype), strings and other values: what makes data, weights
+    or a cache the same, whatever its name."""
+    digest = hashlib.sha256()
+    for item in items:
+        if torch.is_tensor(item):
+            digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
-            import resource
-
-            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        images_per_s = images_per_step * 1e3 / ms_step
-        tflops = flops_per_image * images_per_s / 1e12
-        return dict(
-            device=name,
-            images_per_s=images_per_s,
-            ms_step=ms_step,
-            **medians,
-            peak_mem_gib=memory / 2**30,
-            tflops=tflops,
-            mfu=tflops / peak if peak else float("nan"),
-        )
+            digest.update(repr(item).encode())
+    return digest.hexdigest()[:16]
 
 
 def frechet_distance(a, b):
@@ -1083,50 +1223,43 @@ def frechet_distance(a, b):
 
 
 @torch.no_grad()
-def encoder_stats(encoder, batches, cache=None):
-    """Mean and covariance of a frozen encoder's class token over image batches (uint8 or [-1, 1]); with dinov2-l this
-    is FD_DINOv2's feature space (Stein et al. 2023). Cached to the file `cache` when given."""
-    if cache and os.path.isfile(cache):
-        return tuple(torch.load(cache, weights_only=True))
-    feats = [encoder(batch.to(encoder.mean.device))[0].cpu() for batch in batches]
-    feats = torch.cat(feats).double()  # (N, E)
+def fd_stats(encoder, images, batch_size=100, cache_dir=None):
+    """Mean and covariance (float64) of a frozen encoder's class token over uint8 images (N, 3, H, W); with dinov2-l
+    this is FD_DINOv2's space (Stein et al. 2023). With `cache_dir`, kept in one file named by the key of what it
+    holds (the images' and the encoder's bytes), so it can never serve other images or another encoder."""
+    path = None
+    if cache_dir:
+        key = fingerprint(images, *encoder.state_dict().values(), encoder.size)
+        path = os.path.join(cache_dir, f"fd-stats-{key}.pt")
+    if path and os.path.isfile(path):
+        return tuple(torch.load(path, weights_only=True))
+    device = next(iter(encoder.buffers())).device
+    feats = [encoder(batch.to(device))[0].double().cpu() for batch in images.split(batch_size)]
+    feats = torch.cat(feats)  # (N, E)
     stats = (feats.mean(0), torch.cov(feats.T))
-    if cache:
-        save_checkpoint(cache, list(stats))
+    if path:
+        save_checkpoint(path, list(stats))
     return stats
 
 
-def fingerprint(*items):
-    """A short hex digest of tensors, strings and the bytes of files (a path prefixed 'file:'): what makes data, weights
-    or a feature cache the same, whatever its name."""
-    digest = hashlib.sha256()
-    for item in items:
-        if torch.is_tensor(item):
-            digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
-        elif isinstance(item, str) and item.startswith("file:"):
-            with open(item[5:], "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        else:
-            digest.update(repr(item).encode())
-    return digest.hexdigest()[:16]
+def plot_log(log_path, png, keys):
+    """A PNG with one panel per key of log.jsonl over the steps; a key whose values are lists (the loss per t bin)
+    draws one curve per entry. Needs matplotlib; returns the path, or None."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def plot_losses(log_path, png, keys=("loss", "denoise", "denoise_cls", "align")):
-    """losses.png: one panel per loss term of log.jsonl over the steps (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no loss curves (pip install matplotlib)")
+    records = read_log(log_path)
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
         return None
-    records = [r for r in read_log(log_path) if "loss" in r]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
-    for ax, key in zip(axes, keys):
-        ax.plot([r["step"] for r in records], [r.get(key, float("nan")) for r in records])
-        ax.set(title=key, xlabel="step")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        rows = [r for r in records if key in r]
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)  # (steps,) or (steps, bins)
+        ax.plot([r["step"] for r in rows], values.view(len(rows), -1).numpy())
+        ax.set(title=key, xlabel="step", yscale="log" if key.startswith("bin_") else "linear")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -1164,37 +1297,29 @@ def load_vae(name="ema", device="cpu"):
 @torch.no_grad()
 def loss_per_t_bin(model, x, y, feats=None, bins=10, seed=0, path="linear"):
     """The image and token velocity losses of `model` on a fixed batch at the centre of each of `bins` equal t bins
-    (minRF's diagnostic). The noise comes from `seed`, so calls at different training steps compare like with like.
-    -> dict(t=[bins], denoise=[bins], denoise_cls=[bins]) (denoise_cls all 0 without an entangled token)."""
+    (minRF's diagnostic): reg_loss with a fixed t, fixed noise from `seed` and no label dropout, so calls at different
+    steps compare like with like. -> dict(t=[bins], denoise=[bins], denoise_cls=[bins]) (0 without a token)."""
     net = unwrap(model)
-    cfg = net.cfg
     was_training = net.training
-    net.eval()
+    net.eval()  # no REPA projection, no dropout of labels
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn(x.shape, generator=generator).to(x.device)  # (B, C, H, W)
-    cls = token_target(cfg, feats) if cfg.entangled else None  # (B, E)
-    eps_cls = torch.randn(cls.shape, generator=generator).to(x.device) if cfg.entangled else None
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
-    result = dict(t=centres.tolist(), denoise=[], denoise_cls=[])
-    for t_value in centres.tolist():
-        t = torch.full((x.shape[0],), t_value, device=x.device)  # (B,)
-        alpha, sigma, d_alpha, d_sigma = interpolant(t, path)  # 4 x (B,)
-        x_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * eps
-        v = d_alpha.view(-1, 1, 1, 1) * x + d_sigma.view(-1, 1, 1, 1) * eps
-        cls_t = None
-        if cfg.entangled:
-            cls_t = alpha[:, None] * cls + sigma[:, None] * eps_cls
-            v_cls = d_alpha[:, None] * cls + d_sigma[:, None] * eps_cls
-        v_hat, v_cls_hat, _ = net(x_t, t, y, cls_t)
-        result["denoise"].append(float((v_hat.float() - v).pow(2).mean()))
-        token_loss = float((v_cls_hat.float() - v_cls).pow(2).mean()) if cfg.entangled else 0.0
-        result["denoise_cls"].append(token_loss)
+    eps_cls = None
+    if net.cfg.entangled:
+        eps_cls = torch.randn((len(x), net.cfg.token_width), generator=generator).to(x.device)  # (B, K)
+    centres = ((torch.arange(bins, dtype=torch.float64) + 0.5) / bins).tolist()
+    result = dict(t=centres, denoise=[], denoise_cls=[])
+    for centre in centres:
+        t = torch.full((len(x),), centre, device=x.device)  # (B,)
+        losses = reg_loss(net, x, y, feats, path=path, label_dropout=0.0, t=t, noise=(eps, eps_cls))
+        result["denoise"].append(float(losses["denoise"]))
+        result["denoise_cls"].append(float(losses["denoise_cls"]))
     net.train(was_training)
     return result
 
 
 def class_centroids(tokens, labels, num_classes):
-    """The mean encoder token of each class (K, E), from real images' tokens (N, E) and their labels (N,)."""
+    """The mean token of each class (K, E), from real images' tokens (N, E) and their labels (N,)."""
     sums = torch.zeros(num_classes, tokens.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels.cpu(), tokens.double().cpu())
     counts = torch.bincount(labels.cpu(), minlength=num_classes).clamp(min=1)
@@ -1216,54 +1341,3 @@ def strip_frames(trace, frames=8):
     picks = torch.linspace(0, len(trace) - 1, frames).round().long().tolist()
     chosen = [trace[i][1].float().cpu() for i in picks]
     return torch.stack(chosen, dim=1)
-
-
-def plot_t_bins(log_path, png):
-    """t_bins.png: the held-out image (and token) velocity loss of each t bin over training, one curve per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in read_log(log_path) if "bin_denoise" in r]
-    if not records:
-        return None
-    steps = [r["step"] for r in records]
-    has_token = any(any(r["bin_denoise_cls"]) for r in records)
-    panels = ["bin_denoise", "bin_denoise_cls"] if has_token else ["bin_denoise"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    colours = plt.cm.viridis(torch.linspace(0, 1, len(records[0]["bin_t"])).tolist())
-    for ax, key in zip(axes[0], panels):
-        for k, t in enumerate(records[0]["bin_t"]):
-            ax.plot(steps, [r[key][k] for r in records], color=colours[k], label=f"t={t:.2f}")
-        ax.set(title=f"held-out {key.removeprefix('bin_')} per t bin", xlabel="step", yscale="log")
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
-
-
-def plot_comparison(logs, png, key="fd"):
-    """One PNG with `key` (default FD) over training steps for several runs: logs = {name: path of its log.jsonl}.
-    Where the logs hold `bin_denoise`, a second panel shows the last evaluation's loss per t bin, run against run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name, path in logs.items():
-        records = [r for r in read_log(path) if key in r]
-        axes[0].plot([r["step"] for r in records], [r[key] for r in records], marker="o", label=name)
-        binned = [r for r in read_log(path) if "bin_denoise" in r]
-        if binned:
-            axes[1].plot(binned[-1]["bin_t"], binned[-1]["bin_denoise"], marker="o", label=name)
-    axes[0].set(title=f"{key} over training (lower is better)", xlabel="step", ylabel=key)
-    axes[1].set(title="held-out image velocity loss per t bin, last evaluation", xlabel="t (0 data, 1 noise)")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -241,6 +243,9 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.cfg, self.x, self.c, self.z = cfg, x, c, z
 
+    def token_of(self, feats):
+        return feats[0]
+
     def forward(self, x_t, t, y, c_t):
         bt = t.view(-1, 1, 1, 1)
         return (x_t - self.x) / bt, (c_t - self.c) / t[:, None], 2 * self.z  # v = eps - x = (x_t - x) / t
@@ -262,6 +267,9 @@ class CosineOracle(torch.nn.Module):
     def __init__(self, cfg, x, c):
         super().__init__()
         self.cfg, self.x, self.c = cfg, x, c
+
+    def token_of(self, feats):
+        return feats[0]
 
     def forward(self, x_t, t, y, c_t):
         alpha, sigma, d_alpha, d_sigma = reg.interpolant(t, "cosine")  # 4 x (B,)
@@ -439,7 +447,7 @@ def test_samplers_land_on_the_right_mean_and_std(mode, steps):
 
 
 def guided(field, x, c, y, scales, guide, t=0.6):
-    return reg.guided_velocity(field, x, c, t, y, 2, *scales, guide, torch.float32)
+    return reg.guided_velocity(field, x, c, torch.tensor(t), y, 2, *scales, guide, torch.float32)
 
 
 def test_cfg_scale_one_equals_the_conditional_velocity():
@@ -460,8 +468,11 @@ def test_cfg_combines_cond_and_uncond_with_separate_token_scale():
     torch.testing.assert_close(vx, uncond[0] + 2.3 * (cond[0] - uncond[0]))
     torch.testing.assert_close(vc, uncond[1] + 1.5 * (cond[1] - uncond[1]))
     vx0, vc0 = guided(field, x, c, y, (0.0, 0.0), True)
-    torch.testing.assert_close(vc0, cond[1])  # token scale <= 0: conditional velocity
-    torch.testing.assert_close(vx0, uncond[0])  # image scale 0: unconditional
+    torch.testing.assert_close(vc0, uncond[1])  # scale 0: the unconditional velocity, for the token too
+    torch.testing.assert_close(vx0, uncond[0])
+    vx1, vc1 = guided(field, x, c, y, (1.0, 4.0), True)  # token-only guidance
+    torch.testing.assert_close(vx1, cond[0])
+    torch.testing.assert_close(vc1, uncond[1] + 4.0 * (cond[1] - uncond[1]))
 
 
 def test_score_from_velocity_is_the_gaussian_score():
@@ -491,17 +502,18 @@ def test_trace_records_clean_estimates_that_end_at_the_sample():
     torch.testing.assert_close(trace[0][1], mu.expand_as(x0), atol=1e-5, rtol=0)  # at t = 1 the estimate is E[x] = mu
 
 
-def test_cfg_scale_one_samples_like_the_unguided_sampler():
+def test_cfg_scale_one_samples_like_the_unguided_sampler_and_token_only_guidance_acts():
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     x0, c0, y = torch.randn(8, 1, 2, 2), torch.randn(8, 4), torch.arange(8) % 2
     torch.manual_seed(1)
     a = reg.sample(field, x0, y, c0, steps=20, mode="sde", null_label=2)
     torch.manual_seed(1)
-    b = reg.sample(
-        field, x0, y, c0, steps=20, mode="sde", cfg_scale=1.0, cls_cfg_scale=4.0, interval=(0, 0.85), null_label=2
-    )
+    b = reg.sample(field, x0, y, c0, steps=20, mode="sde", cfg_scale=1.0, interval=(0, 0.85), null_label=2)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+    torch.manual_seed(1)
+    c = reg.sample(field, x0, y, c0, steps=20, mode="sde", cfg_scale=1.0, cls_cfg_scale=4.0, null_label=2)
+    assert not torch.allclose(c[1], a[1])  # the token's own scale guides it, the image scale being 1
 
 
 @pytest.mark.parametrize("mode", ["sde", "euler", "heun"])
@@ -727,14 +739,28 @@ def test_wrong_shapes_give_an_error_in_words():
     msg = str(e.value)
     assert "missing keys (1): token_norm.bias" in msg and "unexpected keys (1): extra.weight" in msg
     assert "final_layer.linear_cls.weight: checkpoint (32, 128) vs model (24, 128)" in msg
-    assert "A config that fits the checkpoint" in msg
+    assert "load_model" in msg
 
 
 def test_checkpoint_files_are_atomic_and_pruned_and_corruption_is_reported(tmp_path):
+    m = tiny()
+    ema = copy.deepcopy(m)
+    opt = torch.optim.AdamW(m.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(1, 6):
-        reg.save_checkpoint(str(tmp_path / f"{step:07d}.pt"), dict(step=step), keep=2)
-    assert [os.path.basename(p) for p in reg.list_checkpoints(str(tmp_path))] == ["0000004.pt", "0000005.pt"]
+        reg.save_training_state(str(tmp_path), step, m, ema, opt, scaler, dict(step=step), keep=2)
+    assert [os.path.basename(p) for p in reg.checkpoints(str(tmp_path))] == ["0000004.pt", "0000005.pt"]
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path))
+
+    def full_disk(state, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", full_disk)
+        with pytest.raises(ValueError, match="No space left on device.*free disk space"):
+            reg.save_training_state(str(tmp_path), 6, m, ema, opt, scaler, dict(step=6), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["0000004.pt", "0000005.pt"]  # nothing lost, no .tmp left
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
@@ -749,12 +775,12 @@ def test_run_resume_restores_weights_optimizer_and_rng(tmp_path):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x, _, y, _, feats = inputs(m)
     train_one_step(m, ema, opt, x, y, feats)
-    run = reg.Run(str(tmp_path))
-    run.save(1, m, ema, opt)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    reg.save_training_state(str(tmp_path), 1, m, ema, opt, scaler, dict(steps=2))
     expect = train_one_step(m, ema, opt, x, y, feats)["loss"]
     m2, ema2 = randomize(tiny()), tiny()
     opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
-    state = reg.Run(str(tmp_path)).resume(m2, ema2, opt2)
+    state = reg.resume(str(tmp_path), dict(steps=2), (), m2, ema2, opt2, scaler)
     assert state["step"] == 1 and state["config"] == reg.asdict(m2.cfg)
     assert torch.equal(train_one_step(m2, ema2, opt2, x, y, feats)["loss"], expect)
 
@@ -856,10 +882,9 @@ def test_diagnostic_plots_are_written(tmp_path):
                     bin_denoise=[1.0 / s, 2.0 / s], bin_denoise_cls=[0.1, 0.2]) for s in (1, 2, 3)]  # fmt: skip
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # a torn last line
     assert len(reg.read_log(str(log))) == 3
-    for png in (reg.plot_t_bins(str(log), str(tmp_path / "bins.png")),
-                reg.plot_comparison({"a": str(log), "b": str(log)}, str(tmp_path / "cmp.png")),
-                reg.plot_losses(str(log), str(tmp_path / "losses.png"))):  # fmt: skip
-        assert os.path.getsize(png) > 1000
+    png = reg.plot_log(str(log), str(tmp_path / "plot.png"), ("loss", "fd", "bin_denoise", "absent"))
+    assert os.path.getsize(png) > 1000
+    assert reg.plot_log(str(log), str(tmp_path / "none.png"), ("absent",)) is None
 
 
 # --- training kit (Part B) ------------------------------------------------------------------------------------------------
@@ -869,19 +894,33 @@ def test_resume_may_change_the_learning_rate_but_not_the_experiment(tmp_path):
     m = randomize(tiny()).train()
     ema = copy.deepcopy(m).requires_grad_(False)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    run = reg.Run(str(tmp_path))
-    run.log(step=1, loss=1.0)
-    run.save(1, m, ema, opt, args=dict(lr=1e-3, seed=0))
-    run.log(step=2, loss=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    folder = str(tmp_path)
+    reg.log(folder, step=1, loss=1.0)
+    reg.save_training_state(folder, 1, m, ema, opt, scaler, dict(lr=1e-3, seed=0, steps=3))
+    reg.log(folder, step=2, loss=0.5)
     with open(tmp_path / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "lo')  # a kill in mid-write
+        f.write('{"step": 3, "lo\n')  # a kill in mid-write
+    reg.log(folder, step=3, loss=0.4)
     opt2 = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    with pytest.raises(ValueError, match="--seed: checkpoint 0, now 1"):
-        run.resume(m, ema, opt2, must_match=dict(seed=1))
-    state = run.resume(m, ema, opt2, must_match=dict(seed=0), may_change=dict(lr=3e-4))
+    with pytest.raises(ValueError, match="seed: checkpoint 0, now 1"):
+        reg.resume(folder, dict(lr=1e-3, seed=1, steps=3), ("seed",), m, ema, opt2, scaler)
+    with pytest.raises(ValueError, match="past --steps 0"):
+        reg.resume(folder, dict(lr=1e-3, seed=0, steps=0), ("seed",), m, ema, opt2, scaler)
+    state = reg.resume(folder, dict(lr=3e-4, seed=0, steps=3), ("seed",), m, ema, opt2, scaler)
     assert state["step"] == 1 and opt2.param_groups[0]["lr"] == 3e-4
-    records = reg.read_log(str(tmp_path / "log.jsonl"))
-    assert [r["step"] for r in records] == [1, 1] and "changed from 0.001 to 0.0003" in records[-1]["note"]
+    reg.log(folder, step=2, loss=0.45)  # the redone step
+    records = reg.read_log(str(tmp_path / "log.jsonl"))  # the log is append-only; the reader drops the redone steps
+    assert [r["step"] for r in records] == [1, 1, 2] and records[1]["changed"] == {"lr": [1e-3, 3e-4]}
+    assert records[2]["loss"] == 0.45
+
+
+def test_one_process_per_run_folder(tmp_path):
+    held = reg.lock_folder(str(tmp_path))
+    probe = subprocess.run([sys.executable, "-c", f"import reg; reg.lock_folder({str(tmp_path)!r})"],
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))  # fmt: skip
+    assert probe.returncode != 0 and "another process is writing to" in probe.stderr
+    held.close()  # the lock ends with its holder
 
 
 def test_graceful_stop_turns_sigterm_and_ctrl_c_into_a_request():
@@ -907,31 +946,16 @@ def test_check_finite_names_the_last_checkpoint_and_the_fix(tmp_path):
         reg.check_finite(dict(loss=float("nan")), 5, str(tmp_path))
 
 
-def test_fingerprint_follows_content_not_names(tmp_path):
-    a = tmp_path / "a.bin"
-    b = tmp_path / "b.bin"
-    a.write_bytes(b"weights")
-    b.write_bytes(b"weights")
-    assert reg.fingerprint(f"file:{a}") == reg.fingerprint(f"file:{b}")
-    b.write_bytes(b"weightz")
-    assert reg.fingerprint(f"file:{a}") != reg.fingerprint(f"file:{b}")
+def test_fingerprint_follows_content_not_names():
     x = torch.arange(6, dtype=torch.uint8)
     assert reg.fingerprint(x, 16) == reg.fingerprint(x.clone(), 16) != reg.fingerprint(x.flip(0), 16)
     half = torch.ones(3, dtype=torch.bfloat16)
     assert reg.fingerprint(half) != reg.fingerprint(half.float())  # bf16 hashed by its own bytes
 
 
-def test_step_timer_reports_medians_and_throughput():
-    timer = reg.StepTimer(torch.device("cpu"))
-    for _ in range(4):
-        timer.start()
-        timer.mark("data")
-        timer.mark("fwd_bwd")
-        timer.mark("fwd_bwd")
-    report = timer.report(images_per_step=8, flops_per_image=1e9, device=torch.device("cpu"), warmup=1)
-    assert set(report) >= {"images_per_s", "ms_step", "ms_data", "ms_fwd_bwd", "tflops", "mfu", "peak_mem_gib"}
-    assert report["ms_step"] == pytest.approx(report["ms_data"] + report["ms_fwd_bwd"], rel=0.5, abs=0.05)
-    assert report["tflops"] == pytest.approx(report["images_per_s"] * 1e9 / 1e12)
+def test_speed_figures_of_a_log_record():
+    record = reg.speed(images=64, seconds=2.0, flops_per_image=1e9, device=torch.device("cpu"))
+    assert record["img_per_s"] == 32.0 and record["peak_mem_gib"] > 0 and "mfu" not in record  # no peak on a CPU
 
 
 def test_guiding_the_velocity_equals_guiding_the_sde_drift():
@@ -957,11 +981,164 @@ def test_checkpoints_from_before_the_rename_still_load_and_resume(tmp_path):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     old = reg.asdict(m.cfg)
     old["token"] = old.pop("token_kind")
+    del old["token_dim"]  # added later: absent means 0
     assert reg.config_from_dict(old) == m.cfg
-    with pytest.raises(ValueError, match="does not know"):
+    with pytest.raises(ValueError, match=r"unknown fields \['future_field'\]"):
         reg.config_from_dict(dict(old, future_field=1))
+    no_heads = dict(old)
+    del no_heads["num_heads"]
+    with pytest.raises(ValueError, match=r"lacks \['num_heads'\]"):  # never a guessed head count
+        reg.config_from_dict(no_heads)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     reg.save_checkpoint(str(tmp_path / "0000001.pt"), dict(model=m.state_dict(), ema=ema.state_dict(),
-                        opt=opt.state_dict(), scaler=None, step=1, config=old,
-                        rng=dict(torch=torch.get_rng_state(), python=random.getstate(), cuda=[])))  # fmt: skip
-    state = reg.Run(str(tmp_path)).resume(m, ema, torch.optim.AdamW(m.parameters(), lr=1e-3))
+                        opt=opt.state_dict(), scaler=scaler.state_dict(), step=1, config=old, args=dict(steps=1),
+                        rng=dict(torch=torch.get_rng_state(), python=random.getstate())))  # fmt: skip
+    state = reg.resume(str(tmp_path), dict(steps=1), (), m, ema, torch.optim.AdamW(m.parameters()), scaler)
     assert state["step"] == 1
+
+
+# --- a library a copier trusts (issue 15) -------------------------------------------------------------------------------
+
+
+def test_copy_reg_py_round_trip(tmp_path):
+    """The README's 'copy reg.py' paragraph: build, train a step with reg_loss and ema_update, sample with no null
+    label to pass, save and load with the config inside (.pt and .safetensors give the same model back)."""
+    model = reg.make_model("SiT-Ti/4", "reg", input_size=16, in_channels=3, num_classes=10, encoder_dim=64)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3])
+    feats = (torch.randn(4, 64), torch.randn(4, 16, 64))  # an own encoder: class token, row-major patch tokens
+    loss = reg.reg_loss(model, images, labels, feats)["loss"]
+    loss.backward()
+    opt.step()
+    reg.ema_update(ema, model)
+    noise, token_noise = torch.randn(4, 3, 16, 16), torch.randn(4, 64)
+    samples, tokens = reg.sample(ema, noise, labels, token_noise, steps=4, mode="euler", cfg_scale=2.0)
+    assert samples.shape == (4, 3, 16, 16) and tokens.shape == (4, 64)
+    for name in ("ema.pt", "ema.safetensors"):
+        back = reg.load_model(reg.save_model(str(tmp_path / name), ema))
+        again, _ = reg.sample(back, noise, labels, token_noise, steps=4, mode="euler", cfg_scale=2.0)
+        assert back.cfg == ema.cfg and torch.equal(again, samples)
+
+
+def test_sampler_refuses_a_model_that_returns_a_bare_tensor():
+    def bare(x, t, y, cls):
+        return torch.zeros_like(x)
+
+    with pytest.raises(TypeError, match=r"must return a tuple \(v, v_cls"):
+        reg.sample(bare, torch.randn(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), steps=2, mode="euler")
+
+
+def test_sampler_derives_the_null_label_and_takes_y_none():
+    m = tiny()
+    x, _, _, cls, _ = inputs(m, B=2)
+    seen = []
+    m.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))
+    reg.sample(m, x, torch.tensor([0, 1]), cls, steps=1, mode="euler", cfg_scale=2.0)  # 5 classes: null label 5
+    assert seen[-1].tolist() == [0, 1, 5, 5]
+    reg.sample(m, x, None, cls, steps=1, mode="euler")
+    assert seen[-1].tolist() == [5, 5]
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.5"):
+        reg.sample(m, x, torch.tensor([0, 6]), cls, steps=1, mode="euler")
+
+
+def test_sampler_keeps_t_in_float32_under_bf16_inputs():
+    times = []
+
+    def field(x, t, y, cls):
+        times.append(t)
+        return torch.zeros_like(x), None
+
+    reg.sample(field, torch.randn(2, 1, 2, 2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long), steps=250)
+    assert times[1].dtype == torch.float32 and times[1][0].item() == pytest.approx(1 - 0.96 / 249, abs=1e-7)
+
+
+def test_validation_loss_on_an_eval_model_and_noalign_needs_only_the_class_token():
+    m = randomize(tiny()).eval()
+    x, _, y, _, feats = inputs(m)
+    out = reg.reg_loss(m, x, y, feats)
+    assert out["align"] == 0 and out["denoise"] > 0  # no REPA projection outside training
+    noalign = tiny("reg-noalign")
+    assert reg.reg_loss(noalign, x, y, (feats[0], None))["denoise_cls"] > 0
+    with pytest.raises(ValueError, match=r"not \(cls, None\)"):
+        reg.reg_loss(m.train(), x, y, (feats[0], None))
+
+
+def test_more_bad_inputs_fail_at_the_call_with_the_fix():
+    m = tiny()
+    x, t, y, cls, _ = inputs(m)
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.4"):
+        m(x, t, torch.tensor([0, 1, 9]), cls)
+    with pytest.raises(ValueError, match="the REG token must be"):
+        m(x, t, y, cls[:2])  # a token of another batch size
+    with pytest.raises(ValueError, match="num_heads 3 does not divide hidden_size 128"):
+        reg.make_model("SiT-Ti/2", num_heads=3)
+    with pytest.raises(TypeError, match="expected a state dict"):
+        reg.load_weights(m, torch.zeros(3))
+    with pytest.raises(ValueError, match="no x_embedder"):
+        reg.config_from_state_dict({})
+    whole = dict(ema=m.state_dict(), args=dict(lr=1e-4))
+    for call in (reg.config_from_state_dict, lambda sd: reg.load_weights(m, sd)):
+        with pytest.raises(ValueError, match=r"whole checkpoint.*pass its \['ema'\]"):
+            call(whole)
+
+
+def test_a_head_count_is_never_guessed():
+    model = reg.SiT(reg.SiTConfig(input_size=8, in_channels=3, patch_size=2, depth=2, hidden_size=96, num_heads=3,
+                                  num_classes=4, encoder_dim=32, encoder_depth=1, projector_dim=16))  # fmt: skip
+    with pytest.raises(ValueError, match=r"head count is not stored.*num_heads"):
+        reg.config_from_state_dict(model.state_dict())
+
+
+def test_encoder_refuses_0_1_images_stays_frozen_and_takes_its_input_size():
+    enc = reg.load_encoder("tf_efficientnet_lite0", grid=2, weights="random", size=32)
+    assert enc.size == 32
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*images \* 2 - 1"):
+        enc(torch.rand(2, 3, 16, 16))  # ToTensor's [0, 1]
+    torch.nn.Sequential(enc).train()  # a parent module asks for training mode
+    assert not enc.training and not any(m.training for m in enc.modules())  # BatchNorm statistics stay fixed
+
+
+def test_encoder_weights_that_do_not_fit_are_an_error(tmp_path):
+    path = str(tmp_path / "other.pth")
+    torch.save(dict(weight=torch.zeros(3)), path)
+    with pytest.raises(RuntimeError, match="pass the weights of vit_small_patch14_dinov2"):
+        reg.load_encoder("dinov2-s", grid=2, weights=path)
+
+
+def test_unwrap_sees_through_ddp_of_a_compiled_model():
+    m = tiny()
+
+    class DDPLike(torch.nn.Module):  # DDP keeps the wrapped module as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert reg.unwrap(DDPLike(torch.compile(m))) is m
+
+
+# --- a token that fits (issue 16) --------------------------------------------------------------------------------------
+
+
+def test_a_token_wider_than_the_model_warns_once_in_words():
+    with pytest.warns(UserWarning, match=r"REG token is 1280 wide but the model only 128.*token_dim <= 128"):
+        reg.make_model("SiT-Ti/4", "reg", input_size=16, in_channels=3, encoder_dim=1280)
+
+
+def test_token_basis_is_orthonormal_ordered_by_variance_and_stored(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    tokens = torch.randn(500, 6, generator=g) * scales @ torch.linalg.qr(torch.randn(6, 6, generator=g))[0] + 3
+    model = tiny("reg", encoder_dim=6, token_dim=3)
+    model.set_token_basis(tokens)
+    basis = model.token_basis
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    projected = model.token_of((tokens, None))  # (N, 3)
+    variances = projected.var(0)
+    assert variances[0] > variances[1] > variances[2] and variances[0] == pytest.approx(25, rel=0.15)
+    torch.testing.assert_close(projected.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    assert model.final_layer.linear_cls.out_features == 3 and model.token_embedder.in_features == 3
+    back = reg.load_model(reg.save_model(str(tmp_path / "m.pt"), model))
+    assert back.cfg.token_dim == 3 and torch.equal(back.token_basis, basis)
+    assert reg.config_from_state_dict(model.state_dict()).token_dim == 3  # read off the weights too
