@@ -283,10 +283,13 @@ class SiT(nn.Module):
 
     def token_of(self, feats):  # [REG]
         """The token this model denoises (B, K or E): token_target, on the top-K directions when token_dim is set."""
-        cls = token_target(self.cfg, feats)  # [REG] (B, E)
-        if self.cfg.token_dim:  # [REG]
-            cls = (cls.float() - self.token_mean) @ self.token_basis  # [REG] (B, K)
-        return cls  # [REG]
+        return self.project_token(token_target(self.cfg, feats))  # [REG]
+
+    def project_token(self, cls):  # [REG]
+        """An encoder token (B, E) -> the token this model denoises: (cls - mean) @ basis (B, K) with token_dim."""
+        if not self.cfg.token_dim:  # [REG] the paper: the whole token
+            return cls  # [REG]
+        return (cls.float() - self.token_mean) @ self.token_basis  # [REG] (B, K)
 
     def set_token_basis(self, tokens):  # [REG]
         """Fit the projection of token_dim to encoder tokens (N, E): their mean and top principal directions."""
@@ -1242,24 +1245,27 @@ def fd_stats(encoder, images, batch_size=100, cache_dir=None):
     return stats
 
 
-def plot_log(log_path, png, keys):
-    """A PNG with one panel per key of log.jsonl over the steps; a key whose values are lists (the loss per t bin)
-    draws one curve per entry. Needs matplotlib; returns the path, or None."""
+def plot_log(logs, png, keys):
+    """A PNG with one panel per key over the steps, one curve per run of `logs` = {name: log.jsonl path}; a key whose
+    values are lists (the loss per t bin) draws one curve per entry. Needs matplotlib; returns the path, or None."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_log(log_path)
-    keys = [k for k in keys if any(k in r for r in records)]
+    runs = {name: read_log(path) for name, path in logs.items()}
+    keys = [k for k in keys if any(k in r for records in runs.values() for r in records)]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        rows = [r for r in records if key in r]
-        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)  # (steps,) or (steps, bins)
-        ax.plot([r["step"] for r in rows], values.view(len(rows), -1).numpy())
+        for name, records in runs.items():
+            rows = [r for r in records if key in r]
+            values = torch.tensor([r[key] for r in rows], dtype=torch.float64).view(len(rows), -1)  # (steps, curves)
+            ax.plot([r["step"] for r in rows], values.numpy(), label=name or None)
         ax.set(title=key, xlabel="step", yscale="log" if key.startswith("bin_") else "linear")
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -882,9 +882,9 @@ def test_diagnostic_plots_are_written(tmp_path):
                     bin_denoise=[1.0 / s, 2.0 / s], bin_denoise_cls=[0.1, 0.2]) for s in (1, 2, 3)]  # fmt: skip
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # a torn last line
     assert len(reg.read_log(str(log))) == 3
-    png = reg.plot_log(str(log), str(tmp_path / "plot.png"), ("loss", "fd", "bin_denoise", "absent"))
+    png = reg.plot_log({"a": str(log), "b": str(log)}, str(tmp_path / "plot.png"), ("loss", "fd", "bin_denoise", "x"))
     assert os.path.getsize(png) > 1000
-    assert reg.plot_log(str(log), str(tmp_path / "none.png"), ("absent",)) is None
+    assert reg.plot_log({"": str(log)}, str(tmp_path / "none.png"), ("absent",)) is None
 
 
 # --- training kit (Part B) ------------------------------------------------------------------------------------------------
