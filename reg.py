@@ -25,13 +25,11 @@ Part B (sections 8-9) is the training kit the scripts share: run folders, device
 """
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
-import resource
 import signal
 import warnings
 from collections import OrderedDict
@@ -805,20 +803,17 @@ def config_from_dict(stored):
 OFFICIAL_NAMES = {"cls_projectors2.": "token_embedder.", "wg_norm.": "token_norm.", "projectors.0.": "projector."}
 
 
-def rename_official(key):
-    """The release's name of a parameter -> ours (`cls_projectors2.weight` -> `token_embedder.weight`)."""
-    for old, new in OFFICIAL_NAMES.items():
+def rename_official(key, names=OFFICIAL_NAMES):
+    """The release's name of a parameter -> ours (`cls_projectors2.weight` -> `token_embedder.weight`); with the
+    inverted table, ours -> the release's (for exporting our weights)."""
+    for old, new in names.items():
         if key.startswith(old):
             return new + key[len(old) :]
     return key
 
 
 def rename_to_official(key):
-    """Our name of a parameter -> the release's (the inverse of rename_official), for exporting our weights."""
-    for old, new in OFFICIAL_NAMES.items():
-        if key.startswith(new):
-            return old + key[len(new) :]
-    return key
+    return rename_official(key, {new: old for old, new in OFFICIAL_NAMES.items()})
 
 
 def check_state_dict(sd):
@@ -1032,6 +1027,8 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
 def lock_folder(folder):
     """One process per run folder: an exclusive lock on <folder>/lock, held until the process ends (the kernel frees
     it on any exit, kill -9 included). Returns the open file; keep it."""
+    import fcntl  # Unix; Part B only, so Part A copies anywhere
+
     os.makedirs(folder, exist_ok=True)
     handle = open(os.path.join(folder, "lock"), "a")
     try:
@@ -1103,21 +1100,21 @@ def check_finite(record, step, folder):
 
 
 def pick_device(name=None):
-    """--device default: cuda (under torchrun: this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
-    if name:
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    """--device default: cuda (under torchrun this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
+    if name is None and torch.backends.mps.is_available():
+        name = "mps"
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch no CUDA): use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return device
 
 
 def autocast(device, precision="bf16"):
@@ -1199,6 +1196,8 @@ def speed(images, seconds, flops_per_image, device):
             record["mfu"] = round(flops_per_image * images_per_s / (peak * 1e12), 4)
         record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     else:
+        import resource  # Unix; Part B only
+
         record["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     return record
 

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -1142,3 +1143,39 @@ def test_token_basis_is_orthonormal_ordered_by_variance_and_stored(tmp_path):
     back = reg.load_model(reg.save_model(str(tmp_path / "m.pt"), model))
     assert back.cfg.token_dim == 3 and torch.equal(back.token_basis, basis)
     assert reg.config_from_state_dict(model.state_dict()).token_dim == 3  # read off the weights too
+
+
+def test_pick_device_names_the_fix():
+    with pytest.raises(ValueError, match="'banana' is no device: use cpu"):
+        reg.pick_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
+            reg.pick_device("cuda")
+    assert reg.pick_device("cpu").type == "cpu"
+
+
+DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
+
+
+def syncs_while_sampling(m, x, y, cls, steps):
+    """The host-device syncs CUDA's sync debug mode reports during one sample() call (0 on the CPU)."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = reg.sample(m, x, y, cls, steps=steps, mode="heun", cfg_scale=2.0)
+    finally:
+        if DEVICE.startswith("cuda"):
+            torch.cuda.set_sync_debug_mode(0)
+    assert out.device.type == torch.device(DEVICE).type and torch.isfinite(out).all()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_sampling_never_waits_for_the_device_inside_its_loop():
+    """pytest --device cuda: the syncs of a 3-step and a 9-step run are the same (the label check and the time grid's
+    copy happen once, before the loop). On the CPU the same calls check that the device path runs."""
+    m = randomize(tiny()).to(DEVICE).eval()
+    x, _, y, cls, _ = inputs(m)
+    x, y, cls = x.to(DEVICE), y.to(DEVICE), cls.to(DEVICE)
+    assert syncs_while_sampling(m, x, y, cls, 3) == syncs_while_sampling(m, x, y, cls, 9)

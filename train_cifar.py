@@ -252,7 +252,7 @@ def train(args):
         raise ValueError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
     if reg.checkpoints(out):
         step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
-    probe = make_probe(args, data, ema) if args.sample_every or args.eval_every else None
+    judge = make_judge(args, data, ema) if args.eval_every else None
     print(f"run {out}: {args.method}, {args.model}, {data.n_train} images, {len(data.classes)} classes, {device}, "
           f"from step {step}")  # fmt: skip
     # Train
@@ -285,9 +285,9 @@ def train(args):
             if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                 logged = log_interval(args, out, sums, step, logged, flops_per_image, device)
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-                save_samples(args, ema, probe, out, step)
+                save_samples(args, ema, data, out, step)
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                evaluate(args, ema, data, probe, out, step)
+                evaluate(args, ema, data, judge, out, step)
             if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                 reg.save_training_state(out, step, model, ema, opt, scaler, settings, KEEP)
     log_path = os.path.join(out, "log.jsonl")
@@ -328,44 +328,20 @@ def log_interval(args, out, sums, step, logged, flops_per_image, device):
 # Samples, evaluation and the diagnostics ------------------------------------------------------------------------------
 
 
-@dataclass
-class Probe:
-    """What the periodic jobs reuse: fixed noise for the grids, the held-out batch, the FD encoder and its reference."""
-
-    grid_x: torch.Tensor  # (rows * PER_ROW, 3, H, W) start noise of the sample grid
-    grid_cls: torch.Tensor  # (rows * PER_ROW, K) start noise of the token
-    grid_y: torch.Tensor  # (rows * PER_ROW,) a row per class
-    held: tuple = None  # the held-out images in [-1, 1], their labels and features
-    fd_encoder: object = None
-    fd_reference: tuple = None  # mean and covariance of the FD encoder's class token over the training images
-    centroids: torch.Tensor = None  # (classes, K) mean real token per class, for where generated tokens land
-
-
-def make_probe(args, data, ema):
-    """Fixed noise for the grids (a row per class; 8 rows with one class); for evaluation the held-out batch, the FD
-    encoder, its reference statistics (cached by content) and the class centroids of the real tokens."""
-    device = data.images.device
-    rows = len(data.classes) if len(data.classes) > 1 else 8
-    fixed = torch.Generator().manual_seed(args.seed)  # the same noise for every grid
-    grid_x = torch.randn(rows * PER_ROW, *data.images.shape[1:], generator=fixed).to(device)
-    grid_cls = torch.randn(rows * PER_ROW, ema.cfg.token_width, generator=fixed).to(device)
-    grid_y = torch.arange(rows, device=device).repeat_interleave(PER_ROW) % len(data.classes)
-    probe = Probe(grid_x, grid_cls, grid_y)
-    if args.eval_every:
-        held = torch.arange(data.n_train, len(data.images))
-        no_flip = torch.zeros_like(held)
-        held_x = to_pixels(data.images[held.to(device)], no_flip.to(device))
-        probe.held = (held_x, data.labels[held.to(device)], features(data, held_x, no_flip, held))
-        with torch.random.fork_rng():
-            torch.manual_seed(args.seed)
-            probe.fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device,
-                                                "--fd-encoder-weights")  # fmt: skip
-        training = data.images[: data.n_train]
-        probe.fd_reference = reg.fd_stats(probe.fd_encoder, training, args.batch_size, args.cache_dir or args.data_dir)
-        if ema.entangled:
-            tokens = ema.project_token(training_tokens(data, ema.cfg))  # (N, K)
-            probe.centroids = reg.class_centroids(tokens, data.labels[: data.n_train], len(data.classes))
-    return probe
+def make_judge(args, data, ema):
+    """What evaluations reuse: the FD encoder, its statistics over the training images (cached by content) and the
+    class centroids of the real tokens (for where generated tokens land)."""
+    with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
+        torch.manual_seed(args.seed)
+        fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, data.images.device,
+                                      "--fd-encoder-weights")  # fmt: skip
+    training = data.images[: data.n_train]
+    reference = reg.fd_stats(fd_encoder, training, args.batch_size, args.cache_dir or args.data_dir)
+    centroids = None
+    if ema.entangled:
+        tokens = ema.project_token(training_tokens(data, ema.cfg))  # (N, K)
+        centroids = reg.class_centroids(tokens, data.labels[: data.n_train], len(data.classes))
+    return fd_encoder, reference, centroids
 
 
 def generate(args, ema, x, y, cls, trace=None):
@@ -379,11 +355,17 @@ def generate(args, ema, x, y, cls, trace=None):
     return images.float().clamp(-1, 1), tokens
 
 
-def save_samples(args, ema, probe, out, step):
-    """samples_NNNNNNN.png: the EMA's grid from fixed noise (a row per class). strip_NNNNNNN.png: for the first sample
-    of each row, the model's estimate of the clean image at 8 times along the sampler's path (t = 1 -> 0)."""
+def save_samples(args, ema, data, out, step):
+    """samples_NNNNNNN.png: the EMA's grid from the same noise at every step (a row per class; 8 rows with one class).
+    strip_NNNNNNN.png: for the first sample of each row, the model's estimate of the clean image at 8 times along the
+    sampler's path (t = 1 -> 0)."""
+    rows = len(data.classes) if len(data.classes) > 1 else 8
+    fixed = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(rows * PER_ROW, *data.images.shape[1:], generator=fixed).to(data.images.device)
+    cls = torch.randn(rows * PER_ROW, ema.cfg.token_width, generator=fixed).to(data.images.device)
+    y = torch.arange(rows, device=data.images.device).repeat_interleave(PER_ROW) % len(data.classes)
     trace = []
-    images, _ = generate(args, ema, probe.grid_x, probe.grid_y, probe.grid_cls, trace)
+    images, _ = generate(args, ema, x, y, cls, trace)
     save_image((images + 1) / 2, os.path.join(out, f"samples_{step:07d}.png"), nrow=PER_ROW)
     frames = reg.strip_frames(trace, STRIP_FRAMES)[::PER_ROW]  # (rows, frames, 3, H, W)
     strip = (frames.flatten(0, 1).clamp(-1, 1) + 1) / 2
@@ -391,11 +373,16 @@ def save_samples(args, ema, probe, out, step):
 
 
 @torch.no_grad()
-def evaluate(args, ema, data, probe, out, step):
+def evaluate(args, ema, data, judge, out, step):
     """Log the held-out loss per t bin; FD of --eval-n EMA samples (the classes in turn) against the training set, and
     of each half (their spread is the evaluation noise); for an entangled token, where the generated tokens land and
     their consistency with the encoder's token of the image they came with."""
-    bins = reg.loss_per_t_bin(ema, *probe.held, bins=BINS, seed=args.seed)
+    fd_encoder, reference, centroids = judge
+    held = torch.arange(data.n_train, len(data.images))
+    no_flip = torch.zeros_like(held)
+    held_x = to_pixels(data.images[held.to(data.images.device)], no_flip.to(data.images.device))
+    held_feats = features(data, held_x, no_flip, held)
+    bins = reg.loss_per_t_bin(ema, held_x, data.labels[held.to(held_x.device)], held_feats, BINS, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)  # not the grids' noise
     x = torch.randn(args.eval_n, *data.images.shape[1:], generator=g).to(data.images.device)
     cls = torch.randn(args.eval_n, ema.cfg.token_width, generator=g).to(data.images.device)
@@ -403,14 +390,14 @@ def evaluate(args, ema, data, probe, out, step):
     parts = [generate(args, ema, *batch) for batch in zip(x.split(args.batch_size), y.split(args.batch_size),
                                                           cls.split(args.batch_size))]  # fmt: skip
     images = ((torch.cat([p[0] for p in parts]) + 1) * 127.5).round().to(torch.uint8)  # (n, 3, H, W)
-    feats = torch.cat([probe.fd_encoder(part)[0].double() for part in images.split(args.batch_size)])
+    feats = torch.cat([fd_encoder(part)[0].double() for part in images.split(args.batch_size)])
     half = len(feats) // 2
     record = dict(step=step, bin_t=bins["t"], bin_denoise=bins["denoise"], bin_denoise_cls=bins["denoise_cls"])
     for name, part in (("fd", feats), ("fd_a", feats[:half]), ("fd_b", feats[half:])):
-        record[name] = round(reg.frechet_distance((part.mean(0), torch.cov(part.T)), probe.fd_reference), 4)
+        record[name] = round(reg.frechet_distance((part.mean(0), torch.cov(part.T)), reference), 4)
     if ema.entangled:
         tokens = torch.cat([p[1] for p in parts]).float()
-        record.update(reg.token_landing(tokens, y, probe.centroids))
+        record.update(reg.token_landing(tokens, y, centroids))
         real = torch.cat([ema.token_of(data.encoder(part)) for part in images.split(args.batch_size)])
         record["token_consistency"] = round(float(F.cosine_similarity(real.float(), tokens, dim=-1).mean()), 4)
     reg.log(out, **record)
