@@ -913,7 +913,9 @@ def load_checkpoint(path):
             config = json.loads(metadata["config"]) if "config" in metadata else None
             return dict(ema=weights, config=config) if config else weights
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(
+                path, map_location="cpu", weights_only=True, mmap=True
+            )  # read lazily: a second look is cheap
     except Exception as e:
         raise ValueError(
             f"checkpoint {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is corrupt or not "
@@ -930,7 +932,8 @@ def load_model(path, weights="ema"):
     bare = all(torch.is_tensor(v) for v in checkpoint.values())
     sd = checkpoint if bare else checkpoint.get(weights)
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} has no {weights!r} weights (its keys: {sorted(map(str, checkpoint))[:8]})")
+        raise ValueError(f"{path} has no {weights!r} weights (its keys: {sorted(map(str, checkpoint))[:8]}): pass "
+                         "a SiT checkpoint, or the other weights (ema or model)")  # fmt: skip
     config = None if bare else checkpoint.get("config")
     cfg = config_from_dict(config) if config else config_from_state_dict(sd)
     release_args = None if bare else checkpoint.get("args")  # the release's Namespace: its REPA block
