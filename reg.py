@@ -1012,14 +1012,16 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     if args["steps"] < state["step"]:
         raise ValueError(f"{path} is at step {state['step']}, past --steps {args['steps']}: raise --steps to continue")
     changed = {k: [old.get(k), v] for k, v in args.items() if k not in must_match and old.get(k) != v}
-    log(folder, step=state["step"], resumed=True, changed=changed)
-    print(f"resume from {path}; changed: {changed or 'nothing'}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one record and one line
+        log(folder, step=state["step"], resumed=True, changed=changed)
+        print(f"resume from {path}; changed: {changed or 'nothing'}")
     load_weights(unwrap(model), state["model"])
     load_weights(ema, state["ema"])
     opt.load_state_dict(state["opt"])
     for group in opt.param_groups:  # a changed learning rate wins over the saved one
         group["lr"] = args.get("lr", group["lr"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] and scaler.is_enabled():  # a bf16 run's scaler is empty; fp16 may start on resume
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

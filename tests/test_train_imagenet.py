@@ -1,42 +1,86 @@
-"""Tests of train_imagenet.py on CPU, offline: a generated ImageFolder, a tiny random SD-VAE-layout AutoencoderKL,
-SiT-Ti/2 on 4x4 latents (32 px images) and a random DINOv2-S at 28 px (grid 2)."""
+"""Tests of train_imagenet.py on CPU, offline: a generated ImageFolder (3 classes x 4 images), a tiny randomly
+initialised AutoencoderKL of the SD-VAE's architecture, SiT-Ti/2 on 4x4 latents (32 px) and a random DINOv2-S at
+28 px (grid 2)."""
 
 import functools
 import json
-import logging
-import logging.handlers
 import os
 import shutil
 import signal
 import socket
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for the hub
 diffusers = pytest.importorskip("diffusers")
 import reg  # noqa: E402
 import train_imagenet as ti  # noqa: E402
 
-TINY = ["--model", "SiT-Ti/2", "--encoder", "vit_small_patch14_dinov2.lvd142m", "--encoder-weights", "random",
-        "--device", "cpu", "--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]  # fmt: skip
+pytestmark = pytest.mark.filterwarnings("ignore:the REG token is 384 wide")  # SiT-Ti is narrower than DINOv2-S
+ENCODER = "vit_small_patch14_dinov2.lvd142m"
+TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", "cpu",
+        "--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]  # fmt: skip
 
 
 def prepare(root, out, *extra):
-    return ti.main(["prepare", "--data-dir", str(root / "images"), "--out", str(out), "--resolution", "32", "--vae",
-                    str(root / "vae"), "--shard-size", "5", "--workers", "0", "--batch-size", "3", *extra])  # fmt: skip
+    argv = ["prepare", "--data-dir", str(root / "images"), "--out", str(out), "--resolution", "32"]
+    return ti.main([*argv, "--vae", str(root / "vae"), "--shard-size", "5", *extra])
 
 
 def train(prep, out, *extra):
     return ti.main(["train", "--data-dir", str(prep), "--out", str(out), *TINY, *extra])
 
 
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def mtimes(folder):
+    return [os.stat(folder / f"shard_0000{i}.pt").st_mtime_ns for i in range(3)]
+
+
+def same_shards(a, b):
+    """Whether two preparations hold the same tensors, shard by shard."""
+    for i in range(3):
+        x = load(a / f"shard_0000{i}.pt")
+        y = load(b / f"shard_0000{i}.pt")
+        if not all(torch.equal(x[key], y[key]) for key in ti.SHARD_KEYS):
+            return False
+    return True
+
+
+def log_records(run):
+    return [r for r in reg.read_log(str(run / "log.jsonl")) if "loss" in r]
+
+
+def signal_in_first_loss(reg_loss, signum, calls, *args, **kwargs):
+    """reg.reg_loss that sends this process `signum` on its first call (Ctrl-C: SIGINT; a scheduler: SIGTERM)."""
+    if not calls:
+        os.kill(os.getpid(), signum)
+    calls.append(1)
+    return reg_loss(*args, **kwargs)
+
+
+def overflow_in_step_2(reg_loss, calls, *args, **kwargs):
+    """reg.reg_loss whose loss is 1e4 times larger in step 2 (calls 3 and 4 of every 12: two micro-batches a step)."""
+    losses = reg_loss(*args, **kwargs)
+    calls.append(1)
+    if len(calls) % 12 in (3, 4):
+        losses["loss"] = losses["loss"] * 1e4
+    return losses
+
+
+def no_encoder(*args, **kwargs):
+    raise AssertionError("plain SiT loaded an encoder")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def shared_encoder():
-    """One random encoder built once (it is frozen, so runs can share it; building it is most of a short run's time)."""
+    """One random encoder per setting (frozen, so runs can share it; building it is most of a short run's time)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reg, "load_encoder", functools.lru_cache(reg.load_encoder))
         yield
@@ -53,163 +97,178 @@ def root(tmp_path_factory):
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "images" / f"n0{c}" / f"{i}.png")
     torch.manual_seed(0)
-    diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
-                            norm_num_groups=4).save_pretrained(root / "vae")  # fmt: skip
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # 8x smaller
+    vae = diffusers.AutoencoderKL(**blocks, block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=4)  # fmt: skip
+    vae.save_pretrained(root / "vae")
     prepare(root, root / "prep")
     return root
 
 
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
-def mtimes(folder, n=3):
-    return [os.stat(folder / f"shard_0000{i}.pt").st_mtime_ns for i in range(n)]
-
-
-def same_shards(a, b):
-    return all(torch.equal(load(a / f"shard_0000{i}.pt")[k], load(b / f"shard_0000{i}.pt")[k])
-               for i in range(3) for k in ti.SHARD_KEYS)  # fmt: skip
+# Prepare ------------------------------------------------------------------------------------------------------------
 
 
 def test_prepare_writes_crops_and_posteriors(root):
-    meta = json.load(open(root / "prep" / "manifest.json"))
-    assert meta["complete"] and meta["counts"] == [5, 5, 2] and meta["classes"] == ["n00", "n01", "n02"]
+    manifest = json.loads((root / "prep" / "manifest.json").read_text())
+    assert manifest["counts"] == [5, 5, 2] and manifest["classes"] == ["n00", "n01", "n02"]
+    assert manifest["shards"] == [f"shard_0000{i}.pt" for i in range(3)] and len(set(manifest["sources"])) == 3
     shard = load(root / "prep" / "shard_00000.pt")
     assert shard["images"].shape == (5, 3, 32, 32) and shard["images"].dtype == torch.uint8
     assert shard["mean"].shape == shard["std"].shape == (5, 4, 4, 4) and shard["mean"].dtype == torch.float16
-    assert shard["labels"].tolist() == [0, 0, 0, 0, 1]
+    assert shard["labels"].tolist() == [0, 0, 0, 0, 1] and shard["source"] == manifest["sources"][0]
     # 80x64 -> BOX halving to 40x32 (short side 64 >= 2 x 32) -> bicubic to the same size -> centre columns 4..35
     with Image.open(root / "images" / "n00" / "0.png") as im:
         want = np.asarray(im.convert("RGB").resize((40, 32), Image.BOX))[:, 4:36]
     assert np.array_equal(shard["images"][0].permute(1, 2, 0).numpy(), want)
-    diffusers_log = logging.getLogger("diffusers")
-    records = logging.handlers.BufferingHandler(100)
-    diffusers_log.addHandler(records)
     vae = reg.load_vae(str(root / "vae"), "cpu")
-    diffusers_log.removeHandler(records)
-    warnings = [r.getMessage() for r in records.buffer if r.levelno >= logging.WARNING]
-    assert warnings == [], "loading the VAE warns (a missing optional package such as accelerate?)"
     with torch.no_grad():
-        post = vae.encode(shard["images"].float() / 127.5 - 1).latent_dist
-    assert torch.allclose(shard["mean"].float(), post.mean, atol=2e-3)
-    assert torch.allclose(shard["std"].float(), post.std, rtol=2e-3)
+        posterior = vae.encode(shard["images"].float() / 127.5 - 1).latent_dist
+    assert torch.allclose(shard["mean"].float(), posterior.mean, atol=2e-3)
+    assert torch.allclose(shard["std"].float(), posterior.std, rtol=2e-3)
 
 
-def test_interrupted_preparation_is_refused_then_resumed(root, tmp_path):
+def test_16_bit_greys_are_scaled_not_clipped_to_white(tmp_path):
+    grey = np.full((40, 48), 128 * 257, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    args = ti.parser().parse_args(["prepare", "--data-dir", "d", "--out", "o", "--resolution", "32"])
+    crop = ti.load_crop(str(tmp_path / "grey16.png"), args)
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and bool((crop == 128).all())
+
+
+def test_interrupted_preparation_is_refused_then_finished_under_torchrun(root, tmp_path, monkeypatch):
+    """Each process of a torchrun preparation makes every WORLD_SIZE-th shard; `train` names a missing shard; the same
+    command again makes only what is missing."""
     prep = tmp_path / "prep"
-    shutil.copytree(root / "prep", prep)
-    os.remove(prep / "shard_00002.pt")
-    with pytest.raises(SystemExit, match="incomplete"):
-        train(prep, tmp_path / "run")
-    before = mtimes(prep, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     prepare(root, prep)
-    assert mtimes(prep, 2) == before  # finished shards skipped
+    assert sorted(p.name for p in prep.glob("shard_*")) == ["shard_00001.pt"]
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(SystemExit, match=r"shard_00000\.pt is missing, truncated or stale: rerun the `prepare`"):
+        train(prep, tmp_path / "run")
+    made = os.stat(prep / "shard_00001.pt").st_mtime_ns
+    prepare(root, prep)
+    assert os.stat(prep / "shard_00001.pt").st_mtime_ns == made  # kept
     assert same_shards(prep, root / "prep")
-    assert json.load(open(prep / "manifest.json"))["done"] == [f"shard_0000{i}.pt" for i in range(3)]
 
 
-def test_fixing_the_image_it_names_lets_prepare_finish(root, tmp_path):
-    """Issue 11 (6): an unreadable image is named with the fix; after the fix (here: deleting it, which changes the
-    image count) the same command finishes, keeping the shards made before the bad image."""
+def test_fixing_or_replacing_an_image_remakes_only_its_shards(root, tmp_path):
     shutil.copytree(root / "images", tmp_path / "images")
-    (tmp_path / "images" / "n01" / "bad.jpg").write_bytes(b"not an image")  # sorted last in n01: row 8, shard 1
     shutil.copytree(root / "vae", tmp_path / "vae")
+    (tmp_path / "images" / "n01" / "bad.jpg").write_bytes(b"not an image")  # sorted last in n01: row 8, shard 1
     prep = tmp_path / "prep"
-    with pytest.raises(SystemExit, match=r"n01/bad\.jpg cannot be read .*replace or delete the file, then rerun"):
+    with pytest.raises(SystemExit, match=r"n01/bad\.jpg cannot be read .*replace or delete it and rerun"):
         prepare(tmp_path, prep)
-    first = os.stat(prep / "shard_00000.pt").st_mtime_ns
+    first = os.stat(prep / "shard_00000.pt").st_mtime_ns  # made before the bad image
     os.remove(tmp_path / "images" / "n01" / "bad.jpg")
-    prepare(tmp_path, prep)  # the old code: "holds another preparation"
-    assert os.stat(prep / "shard_00000.pt").st_mtime_ns == first
-    assert json.load(open(prep / "manifest.json"))["complete"] and same_shards(prep, root / "prep")
-    os.makedirs(tmp_path / "images" / "n03")  # another class: another preparation, refused
+    prepare(tmp_path, prep)
+    assert os.stat(prep / "shard_00000.pt").st_mtime_ns == first and same_shards(prep, root / "prep")
+    # another image under the same name (shard 0, row 1): that shard is made again, from the new pixels
+    before = mtimes(prep)
+    new = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(new).save(tmp_path / "images" / "n00" / "1.png")
+    prepare(tmp_path, prep)
+    after = mtimes(prep)
+    assert after[0] != before[0] and after[1:] == before[1:]
+    stored = load(prep / "shard_00000.pt")["images"][1].permute(1, 2, 0).numpy()
+    assert np.array_equal(stored, ti.center_crop(Image.fromarray(new), 32))
+    # another class list is another preparation: refused, the folder untouched
+    os.makedirs(tmp_path / "images" / "n03")
     Image.new("RGB", (40, 40)).save(tmp_path / "images" / "n03" / "0.png")
-    with pytest.raises(SystemExit, match="holds another preparation .*classes"):
+    with pytest.raises(SystemExit, match="holds another preparation: pass another --out"):
         prepare(tmp_path, prep)
+    assert mtimes(prep) == after
 
 
-def test_truncated_shard_or_corrupt_manifest_is_named_and_prepare_repairs_it(root, tmp_path):
-    """Issue 11 (6): `train` names the bad file and the fix instead of a traceback; rerunning `prepare` repairs both."""
+def test_truncated_or_foreign_shard_is_named_and_prepare_repairs_it(root, tmp_path):
     prep = tmp_path / "prep"
     shutil.copytree(root / "prep", prep)
     data = (prep / "shard_00001.pt").read_bytes()
     (prep / "shard_00001.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit, match=r"shard_00001\.pt cannot be read .*truncated or corrupt.*prepare"):
+    with pytest.raises(SystemExit, match=r"shard_00001\.pt is missing, truncated or stale: rerun the `prepare`"):
         train(prep, tmp_path / "run")
-    (prep / "manifest.json").write_text('{"classes": ["n00", "n01"')
-    with pytest.raises(SystemExit, match=r"manifest\.json cannot be read .*rerun the `prepare` command"):
-        train(prep, tmp_path / "run")
-    kept = [mtimes(prep)[i] for i in (0, 2)]
+    kept = mtimes(prep)
     prepare(root, prep)
-    assert [mtimes(prep)[i] for i in (0, 2)] == kept and same_shards(prep, root / "prep")
+    assert [mtimes(prep)[i] for i in (0, 2)] == [kept[0], kept[2]] and same_shards(prep, root / "prep")
     shutil.copy(prep / "shard_00000.pt", prep / "shard_00001.pt")  # readable, the right size, the wrong images
-    with pytest.raises(SystemExit, match=r"shard_00001\.pt does not belong to the preparation"):
+    with pytest.raises(SystemExit, match=r"shard_00001\.pt is missing, truncated or stale"):
         train(prep, tmp_path / "run")
     prepare(root, prep)
     assert same_shards(prep, root / "prep")
-    shards, meta = ti.load_prepared(str(prep))
-    assert meta["complete"] and len(shards) == 3
 
 
 def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
     os.makedirs(tmp_path / "flat")
-    with pytest.raises(SystemExit, match="not an ImageFolder"):
+    Image.new("RGB", (40, 40)).save(tmp_path / "flat" / "0.png")
+    with pytest.raises(SystemExit, match="not an ImageFolder: put the images in one folder per class"):
         ti.main(["prepare", "--data-dir", str(tmp_path / "flat"), "--out", str(tmp_path / "p0")])
+    os.makedirs(tmp_path / "empty" / "n00")
+    with pytest.raises(SystemExit, match="no images"):
+        ti.main(["prepare", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "p0")])
     shutil.copytree(root / "images", tmp_path / "small")
     Image.new("RGB", (20, 30)).save(tmp_path / "small" / "n01" / "tiny.png")
-    with pytest.raises(SystemExit, match=r"tiny\.png: it is 20x30.*--upscale"):
-        ti.main(["prepare", "--data-dir", str(tmp_path / "small"), "--out", str(tmp_path / "p1"), "--resolution", "32",
-                 "--vae", str(root / "vae"), "--workers", "0"])  # fmt: skip
+    small = ["prepare", "--data-dir", str(tmp_path / "small"), "--resolution", "32", "--vae", str(root / "vae")]
+    with pytest.raises(SystemExit, match=r"tiny\.png is smaller than --resolution 32: pass --upscale"):
+        ti.main([*small, "--out", str(tmp_path / "p1")])
+    ti.main([*small, "--out", str(tmp_path / "p2"), "--upscale"])  # ADM enlarges it
+    data = (root / "images" / "n00" / "1.png").read_bytes()
+    (tmp_path / "small" / "n01" / "tiny.png").write_bytes(data[: len(data) // 2])  # a truncated file
+    with pytest.raises(SystemExit, match=r"image .*tiny\.png cannot be read"):
+        ti.main([*small, "--out", str(tmp_path / "p3"), "--upscale"])
     with pytest.raises(SystemExit, match="--vae"):
-        ti.main(["prepare", "--data-dir", str(root / "images"), "--out", str(tmp_path / "p2"),
-                 "--vae", str(tmp_path / "none")])  # fmt: skip
+        ti.main(["prepare", "--data-dir", str(root / "images"), "--out", str(tmp_path / "p4"), "--vae", "/nowhere"])
+    with pytest.raises(SystemExit, match="manifest.json"):
+        train(root / "images", tmp_path / "r0")  # an ImageFolder, not a preparation
     no_weights = [a for a in TINY if a not in ("--encoder-weights", "random")]
     with pytest.raises(SystemExit, match="--encoder-weights"):  # DINOv2 offline, no file
-        ti.main(["train", "--data-dir", str(root / "prep"), "--out", str(tmp_path / "r"), *no_weights,
-                 "--encoder", "dinov2-s"])  # fmt: skip
+        ti.main(["train", "--data-dir", str(root / "prep"), "--out", str(tmp_path / "r1"), *no_weights])
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit, match="not a multiple"):
-        train(root / "prep", tmp_path / "r")
+    with pytest.raises(SystemExit, match="no multiple of --micro-batch x GPUs"):
+        train(root / "prep", tmp_path / "r2")
 
 
 BAD_NUMBERS = [
-    ("train", "--steps", "0", "an integer >= 1"),  # the old code: exit 0 having done nothing
-    ("train", "--steps", "-5", "an integer >= 1"),
-    ("train", "--keep", "-1", "an integer >= 0"),  # the old code had no --keep; Run(keep=-1) deletes every checkpoint
-    ("train", "--ckpt-every", "0", "an integer >= 1"),  # the old code: ZeroDivisionError
+    ("train", "--steps", "0", "an integer >= 1"),
     ("train", "--log-every", "0", "an integer >= 1"),
+    ("train", "--ckpt-every", "-1", "an integer >= 1"),
     ("train", "--batch-size", "0", "an integer >= 1"),
-    ("train", "--micro-batch", "-2", "an integer >= 1"),
-    ("train", "--lr", "0", "a finite number > 0"),
+    ("train", "--micro-batch", "1.5", "an integer >= 1"),
     ("train", "--lr", "nan", "a finite number > 0"),
     ("train", "--ema", "1.5", "a number from 0 to 1"),
-    ("train", "--clip", "-1", "a finite number > 0"),
+    ("train", "--clip", "0", "a finite number > 0"),
     ("train", "--beta", "-0.1", "a finite number >= 0"),
     ("train", "--lam", "x", "a finite number >= 0"),
     ("train", "--sample-every", "-1", "an integer >= 0"),
-    ("train", "--sample-steps", "0", "an integer >= 1"),
-    ("train", "--resolution", "30", "not a multiple of 8"),
-    ("train", "--bench", "-1", "an integer >= 0"),
-    ("train", "--warmup", "1.5", "an integer >= 0"),
+    ("train", "--seed", "-1", "an integer >= 0"),
     ("prepare", "--shard-size", "0", "an integer >= 1"),
-    ("prepare", "--workers", "-1", "an integer >= 0"),
-    ("prepare", "--batch-size", "0", "an integer >= 1"),
-    ("prepare", "--resolution", "0", "an integer >= 1"),
+    ("prepare", "--classes", "0", "an integer >= 1"),
+    ("prepare", "--resolution", "30", "a multiple of 8"),
 ]
 
 
 @pytest.mark.parametrize("command, flag, value, allowed", BAD_NUMBERS)
 def test_numeric_flags_are_checked_when_parsed(command, flag, value, allowed, capsys):
-    """Issue 11 (3): a bad number fails at parse time; the error names the flag and the allowed range."""
-    required = ["--data-dir", "d", "--out", "o"]
     with pytest.raises(SystemExit) as stopped:
-        ti.parser().parse_args([command, *required, flag, value])
+        ti.parser().parse_args([command, "--data-dir", "d", "--out", "o", flag, value])
     assert stopped.value.code == 2
-    assert (
-        f"argument {flag}: '{value}' is {'' if 'multiple' in allowed else 'not '}{allowed}" in capsys.readouterr().err
-    )
+    assert f"argument {flag}: '{value}' is not {allowed}" in capsys.readouterr().err
+
+
+# Train --------------------------------------------------------------------------------------------------------------
+
+
+def test_batches_are_a_function_of_the_step():
+    """Each epoch is a permutation of the rows; the processes' slices make the same global batches for any count."""
+    n, batch = 12, 4
+    one = [ti.batch_rows(step, 0, 1, n, batch, 0) for step in range(6)]
+    assert sorted(torch.cat(one[:3]).tolist()) == list(range(12)) == sorted(torch.cat(one[3:]).tolist())
+    assert not torch.equal(torch.cat(one[:3]), torch.cat(one[3:]))  # another order each epoch
+    for step in range(6):
+        halves = torch.cat([ti.batch_rows(step, rank, 2, n, batch, 0) for rank in (0, 1)])
+        assert torch.equal(halves, one[step])
+    assert not torch.equal(ti.batch_rows(0, 0, 1, n, batch, 1), one[0])  # the seed decides the order
 
 
 def weights(folder, step):
@@ -217,131 +276,166 @@ def weights(folder, step):
     return state["model"], state["ema"]
 
 
-def ddp_worker(rank, port, argv):
-    """What torchrun sets up for each process (gloo on CPU)."""
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def ddp_worker(rank, port, argv, sigterm_rank):
+    """What torchrun sets up for each process (gloo on CPU); `sigterm_rank` receives SIGTERM in its first step."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    if rank == sigterm_rank:
+        reg.reg_loss = functools.partial(signal_in_first_loss, reg.reg_loss, signal.SIGTERM, [])
     ti.main(argv)
+
+
+def two_processes(argv, sigterm_rank=-1):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # forked, not spawned: the children skip importing torch and timm, and share the built encoder
+    context = torch.multiprocessing.start_processes(ddp_worker, (port, argv, sigterm_rank), nprocs=2, join=False,
+                                                    start_method="fork")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # False until both have ended
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP processes did not finish (waiting for each other?)")
 
 
 def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
     prep = root / "prep"
+    micro = ["--micro-batch", "1"]  # 4 micro-batches a step on one process, 2 on each of two (no_sync on the first)
     one = tmp_path / "one"
-    micro = [
-        "--micro-batch",
-        "1",
-    ]  # 4 micro-batches a step on one process, 2 on each of two (DDP's no_sync on the first)
-    train(prep, one, *micro, "--steps", "3", "--log-every", "1", "--sample-every", "2", "--sample-steps", "2",
-          "--vae", str(root / "vae"))  # fmt: skip
-    assert (one / "samples_0000002.png").is_file() and (one / "losses.png").is_file()
-    assert json.load(open(one / "args.json"))["batch_size"] == 4
-    log = reg.read_log(str(one / "log.jsonl"))
+    train(prep, one, *micro, "--steps", "3", "--log-every", "1", "--sample-every", "2", "--vae", str(root / "vae"))
+    assert (one / "samples_0000002.png").is_file()
+    log = log_records(one)
     assert [r["step"] for r in log] == [1, 2, 3]
-    two = str(tmp_path / "two")  # 1 step, then resumed to 3: every rank must resume its optimiser too
-    for steps in (["--steps", "1"], ["--steps", "3", "--resume"]):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]  # forked, not spawned: the children skip importing torch and timm
-        argv = ["train", "--data-dir", str(prep), "--out", two, *TINY, *micro, *steps, "--log-every", "1"]
-        torch.multiprocessing.start_processes(ddp_worker, (port, argv), nprocs=2, start_method="fork")
+    assert all(r["img_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["skipped"] == 0 for r in log)
+    two = tmp_path / "two"  # 1 step, then resumed to 3: every process must resume its optimiser too
+    for steps in (["--steps", "1"], ["--steps", "3"]):
+        two_processes(["train", "--data-dir", str(prep), "--out", str(two), *TINY, *micro, *steps, "--log-every", "1"])
     (m1, e1), (m2, e2) = weights(one, 3), weights(two, 3)
     init = reg.make_model("SiT-Ti/2", input_size=4, num_classes=3, encoder_dim=384).state_dict()
     assert any(not torch.allclose(m1[k], init[k]) for k in m1)  # it did train
     for a, b in ((m1, m2), (e1, e2)):
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), "DDP run differs from the one-process run"
-    part = tmp_path / "part"  # logs only where it saves (steps 1 and 3): the mean over each interval
+    assert [r["loss"] for r in log_records(two)] == pytest.approx([r["loss"] for r in log], rel=1e-5)
+    part = tmp_path / "part"  # logs where it saves (steps 1 and 3): the means over each interval
     train(prep, part, *micro, "--steps", "1")
-    train(prep, part, *micro, "--steps", "3", "--resume")
+    train(prep, part, *micro, "--steps", "3")
     m3, e3 = weights(part, 3)
     assert all(torch.equal(m1[k], m3[k]) and torch.equal(e1[k], e3[k]) for k in m1), "resume is not exact"
-    logged = reg.read_log(str(part / "log.jsonl"))
+    logged = log_records(part)
     assert [r["step"] for r in logged] == [1, 3]
     for key in ti.LOGGED:
         assert logged[1][key] == pytest.approx((log[1][key] + log[2][key]) / 2, rel=1e-5)
 
 
+def test_sigterm_to_one_process_stops_both_at_the_next_step(root, tmp_path):
+    """torchrun: a SIGTERM that reaches one process only still stops both after the same step, with a checkpoint."""
+    run = tmp_path / "run"
+    argv = ["train", "--data-dir", str(root / "prep"), "--out", str(run), *TINY, "--steps", "5"]
+    two_processes(argv, sigterm_rank=1)
+    assert [os.path.basename(p) for p in reg.checkpoints(str(run))] == ["0000001.pt"]
+    assert [r["step"] for r in log_records(run)] == [1]
+
+
 def test_resume_may_lower_the_lr_but_not_change_the_experiment(root, tmp_path):
-    """Issue 11 (4): the non-finite stop says 'lower --lr'; a resume accepts that (and logs it), but refuses another
-    experiment: another loss weight, or another preparation in --data-dir."""
+    """A run folder with checkpoints continues; a setting that makes the experiment (a loss weight, the data, the
+    encoder's weights) may not change, the learning rate may (the advice after a non-finite loss)."""
     run = tmp_path / "run"
     train(root / "prep", run, "--steps", "1")
-    with pytest.raises(SystemExit, match=r"--beta: checkpoint 0.03, now 0.05"):
-        train(root / "prep", run, "--steps", "2", "--resume", "--beta", "0.05")
+    with pytest.raises(SystemExit, match=r"beta: checkpoint 0.03, now 0.05"):
+        train(root / "prep", run, "--steps", "2", "--beta", "0.05")
     other = tmp_path / "other"  # the same images and classes, other shards: another preparation
     prepare(root, other, "--shard-size", "6")
-    with pytest.raises(SystemExit, match=r"--data: checkpoint '\w+', now '\w+'"):
-        train(other, run, "--steps", "2", "--resume")
-    train(root / "prep", run, "--steps", "2", "--resume", "--lr", "5e-5")
+    with pytest.raises(SystemExit, match=r"data_key: checkpoint '\w+', now '\w+'"):
+        train(other, run, "--steps", "2")
+    torch.manual_seed(1)
+    net = __import__("timm").create_model(ENCODER, pretrained=False)
+    torch.save(net.state_dict(), tmp_path / "other_encoder.pth")
+    argv = [a if a != "random" else str(tmp_path / "other_encoder.pth") for a in TINY]
+    with pytest.raises(SystemExit, match=r"encoder_key: checkpoint '\w+', now '\w+'"):
+        ti.main(["train", "--data-dir", str(root / "prep"), "--out", str(run), *argv, "--steps", "2"])
+    train(root / "prep", run, "--steps", "2", "--lr", "5e-5")
     assert [g["lr"] for g in load(run / "0000002.pt")["opt"]["param_groups"]] == [5e-5]
-    notes = [r["note"] for r in reg.read_log(str(run / "log.jsonl")) if "note" in r]
-    assert notes == ["--lr changed from 0.0001 to 5e-05"]
+    resumed = [r for r in reg.read_log(str(run / "log.jsonl")) if r.get("resumed")]
+    assert len(resumed) == 1 and resumed[0]["changed"] == {"lr": [1e-4, 5e-5], "steps": [1, 2]}  # logged
+    with pytest.raises(SystemExit, match="past --steps 1"):
+        train(root / "prep", run, "--steps", "1")
 
 
 def test_ctrl_c_finishes_the_step_and_saves(root, tmp_path, monkeypatch):
-    calls = []
-    reg_loss = reg.reg_loss
-
-    def loss_then_ctrl_c(*args, **kwargs):
-        if not calls:
-            os.kill(os.getpid(), signal.SIGINT)  # in the first of the step's two micro-batches
-        calls.append(1)
-        return reg_loss(*args, **kwargs)
-
-    monkeypatch.setattr(reg, "reg_loss", loss_then_ctrl_c)
-    monkeypatch.setattr(reg, "StepTimer", None)  # only --bench times the phases (a timer waits for the GPU)
+    calls = []  # SIGINT in the first of the first step's two micro-batches
+    monkeypatch.setattr(reg, "reg_loss", functools.partial(signal_in_first_loss, reg.reg_loss, signal.SIGINT, calls))
     train(root / "prep", tmp_path, "--steps", "9", "--log-every", "5")
     assert len(calls) == 2, "the step was not finished, or another one began"
-    assert [os.path.basename(p) for p in reg.list_checkpoints(str(tmp_path))] == ["0000001.pt"]
+    assert [os.path.basename(p) for p in reg.checkpoints(str(tmp_path))] == ["0000001.pt"]
+    assert [r["step"] for r in log_records(tmp_path)] == [1]
 
 
 def test_nonfinite_loss_stops_without_saving_it(root, tmp_path):
-    with pytest.raises(SystemExit, match="non-finite.*--resume and a lower --lr"):
-        train(root / "prep", tmp_path, "--steps", "3", "--lr", "1e30", "--log-every", "1", "--ckpt-every", "1")
-    for path in reg.list_checkpoints(str(tmp_path)):
-        assert all(torch.isfinite(v).all() for v in load(path)["model"].values())
+    """lr 1e30: step 1 is finite and saved, step 2's loss is not: the run stops before saving it, naming the fix."""
+    with pytest.raises(SystemExit, match=r"non-finite values at step 2 .*0000001\.pt.*--resume and a lower --lr"):
+        train(root / "prep", tmp_path, "--steps", "5", "--lr", "1e30", "--log-every", "1", "--ckpt-every", "1")
+    assert [os.path.basename(p) for p in reg.checkpoints(str(tmp_path))] == ["0000001.pt"]
+    assert all(torch.isfinite(v).all() for v in load(tmp_path / "0000001.pt")["model"].values())
 
 
-def test_release_default_has_no_flips_and_unconditional_has_one_class(root):
-    """Issue 11 (9): by default the batch holds the stored crops and posteriors as they are (the release); --flip
-    mirrors image and posterior together. --unconditional: every label 0, a model of one class."""
-    shards, meta = ti.load_prepared(str(root / "prep"))
+def test_fp16_steps_the_scaler_skips_are_counted_not_logged_as_nan(root, tmp_path, monkeypatch):
+    """fp16: a step whose scaled gradient overflows is skipped by the GradScaler (which halves its scale). Forced here
+    on the CPU (where the scaler scales fp32 gradients): step 2's loss times 1e4 overflows a scale of 2^120. The log
+    counts the skipped step, and its grad norm is the mean over the steps that were taken."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**120))
+    monkeypatch.setattr(reg, "reg_loss", functools.partial(overflow_in_step_2, reg.reg_loss, []))
+    every = tmp_path / "every"
+    train(root / "prep", every, "--steps", "6", "--log-every", "1", "--precision", "fp16")
+    train(root / "prep", tmp_path / "three", "--steps", "6", "--log-every", "3", "--precision", "fp16")
+    steps = log_records(every)
+    assert [r["skipped"] for r in steps] == [0, 1, 0, 0, 0, 0] and steps[1]["grad_norm"] == 0
+    three = log_records(tmp_path / "three")
+    assert [r["skipped"] for r in three] == [1, 0]
+    assert three[0]["grad_norm"] == pytest.approx((steps[0]["grad_norm"] + steps[2]["grad_norm"]) / 2, rel=1e-5)
+    assert all(np.isfinite(r[key]) for r in steps + three for key in ti.LOGGED)
+    state = load(every / "0000006.pt")
+    assert state["scaler"]["scale"] == 2.0**119  # halved once
+    assert all(torch.equal(state["model"][k], v) for k, v in load(tmp_path / "three" / "0000006.pt")["model"].items())
+
+
+def test_release_default_has_no_flips_and_unconditional_has_one_class(root, tmp_path):
+    """By default a batch holds the stored crops and posteriors as they are (the release); --flip mirrors image and
+    posterior together. --unconditional: every label 0, a model of one class."""
+    shards, _ = ti.load_prepared(str(root / "prep"))
     starts = torch.tensor([0, 5, 10, 12])
-    rows = torch.arange(12)
+    rows = torch.tensor([11, 0, 7, 3, 5, 9, 1, 10, 2, 8, 4, 6])
     stored = torch.cat([s["images"] for s in shards])
     mean = torch.cat([s["mean"] for s in shards]).float()
     still = [dict(s, std=torch.zeros_like(s["std"])) for s in shards]  # x = the posterior mean, scaled
     args = ti.parser().parse_args(["train", "--data-dir", "d", *TINY])
-    torch.manual_seed(0)
     x, y, images = ti.get_batch(still, starts, rows, torch.device("cpu"), args)
-    assert torch.equal(images, stored) and torch.allclose(x, mean * reg.LATENT_SCALE)
+    order = rows.sort().values  # the rows come grouped by shard
+    assert torch.equal(images, stored[order]) and torch.allclose(x, mean[order] * reg.LATENT_SCALE)
     assert y.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     args = ti.parser().parse_args(["train", "--data-dir", "d", *TINY, "--flip", "--unconditional"])
     x, y, images = ti.get_batch(still, starts, rows, torch.device("cpu"), args)
-    flipped = [not torch.equal(a, b) for a, b in zip(images, stored)]
+    flipped = [not torch.equal(a, b) for a, b in zip(images, stored[order])]
     assert 0 < sum(flipped) < 12 and y.tolist() == [0] * 12
-    for i in range(12):
-        image, latent = (stored[i].flip(-1), mean[i].flip(-1)) if flipped[i] else (stored[i], mean[i])
+    for i, row in enumerate(order.tolist()):
+        image, latent = (stored[row].flip(-1), mean[row].flip(-1)) if flipped[i] else (stored[row], mean[row])
         assert torch.equal(images[i], image) and torch.allclose(x[i], latent * reg.LATENT_SCALE)
-    _, model, _, _, _ = ti.setup_model(args, meta, torch.device("cpu"))
-    assert model.cfg.num_classes == 1
+    train(root / "prep", tmp_path, "--steps", "1", "--unconditional")
+    state = load(tmp_path / "0000001.pt")
+    assert state["config"]["num_classes"] == 1 and state["classes"] == ["unconditional"]
+    assert state["resolution"] == 32 and state["vae"] == str(root / "vae")
 
 
-def test_bench_reports_speed_and_flops():
-    r = ti.main(["train", "--synthetic", "--bench", "1", "--warmup", "1", "--resolution", "32", *TINY])
-    phases = ("ms_data", "ms_encoder", "ms_fwd_bwd", "ms_optimizer")
-    assert r["images_per_s"] > 0 and min(r[k] for k in phases) > 0
-    assert r["ms_step"] == pytest.approx(sum(r[k] for k in phases))
-    enc = reg.load_encoder("vit_small_patch14_dinov2.lvd142m", 2, "random", torch.device("cpu"))  # 28 px
-    with FlopCounterMode(display=False) as counter:  # PyTorch's own count
-        enc(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
-    assert reg.encoder_flops(enc) == pytest.approx(counter.get_total_flops(), rel=0.03)
-    cfg = reg.make_model("SiT-Ti/2", input_size=4, num_classes=1000, encoder_dim=384).cfg
-    flops = 3 * reg.model_flops(cfg) + reg.encoder_flops(enc)  # what --bench divides by the time
-    assert r["tflops"] == pytest.approx(flops * r["images_per_s"] / 1e12)
+def test_plain_sit_never_loads_an_encoder(root, tmp_path, monkeypatch):
+    monkeypatch.setattr(reg, "load_encoder", no_encoder)
+    train(root / "prep", tmp_path, "--steps", "1", "--method", "sit")
+    assert load(tmp_path / "0000001.pt")["args"]["encoder_key"] is None
 
 
-def test_plain_sit_never_loads_or_runs_an_encoder():
-    argv = ["train", "--synthetic", "--bench", "1", "--warmup", "1", "--resolution", "32", *TINY, "--method", "sit"]
-    r = ti.main([a if a != "vit_small_patch14_dinov2.lvd142m" else "no-such-encoder" for a in argv])
-    assert r["ms_encoder"] < 1 and r["images_per_s"] > 0
+def test_two_trainers_on_one_folder_are_refused(root, tmp_path):
+    lock = reg.lock_folder(str(tmp_path))
+    with pytest.raises(SystemExit, match="another process is writing"):
+        train(root / "prep", tmp_path, "--steps", "1")
+    lock.close()
+    train(root / "prep", tmp_path, "--steps", "1")
