@@ -343,14 +343,11 @@ def check_config(cfg):
     if cfg.token_kind not in TOKEN_KINDS:
         raise ValueError(f"unknown token kind {cfg.token_kind!r}: use one of {', '.join(TOKEN_KINDS)}")
     if cfg.input_size % cfg.patch_size:
-        raise ValueError(f"input_size {cfg.input_size} is not a multiple of patch_size {cfg.patch_size}: the patch "
-                         "grid must tile the input")  # fmt: skip
+        raise ValueError(f"input_size {cfg.input_size} is not a multiple of patch_size {cfg.patch_size}: resize")
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"num_heads {cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
     if not 0 <= cfg.token_dim <= cfg.encoder_dim:
-        raise ValueError(
-            f"token_dim {cfg.token_dim} must lie in 0..encoder_dim ({cfg.encoder_dim}); 0 = the whole token"
-        )
+        raise ValueError(f"token_dim {cfg.token_dim} must lie in 0..encoder_dim ({cfg.encoder_dim}): lower it")
     if cfg.repa and not 1 <= cfg.encoder_depth <= cfg.depth:
         raise ValueError(f"encoder_depth {cfg.encoder_depth} must lie in 1..depth ({cfg.depth})")
 
@@ -360,10 +357,7 @@ def check_inputs(cfg, x, t, y, cls):
     the cause). The label check reads y only where it lives on the CPU: on a GPU it would wait for the queue."""
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if tuple(x.shape[1:]) != expected:
-        raise ValueError(
-            f"the model expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}: "
-            "check the image size and channels, or build the model to match"
-        )
+        raise ValueError(f"the model takes (B, C, H, W) = (B, *{expected}), got {tuple(x.shape)}: resize or rebuild")
     if tuple(t.shape) != (x.shape[0],) or tuple(y.shape) != (x.shape[0],):
         raise ValueError(f"t and y must be (B,) = ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
     if y.device.type == "cpu" and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= cfg.num_classes:
@@ -371,10 +365,7 @@ def check_inputs(cfg, x, t, y, cls):
                          f"got {int(y.min())}..{int(y.max())}: build the model with num_classes to match the data")  # fmt: skip
     if cfg.entangled and (cls is None or tuple(cls.shape) != (x.shape[0], cfg.token_width)):  # [REG]
         got = None if cls is None else tuple(cls.shape)  # [REG]
-        raise ValueError(  # [REG]
-            f"the REG token must be (B, E) = ({x.shape[0]}, {cfg.token_width}), got {got}: "
-            "the encoder width must equal encoder_dim"
-        )
+        raise ValueError(f"the REG token must be (B, E) = ({x.shape[0]}, {cfg.token_width}), got {got}")  # [REG]
 
 
 # 3. Frozen encoder (REPA Sec. 3): class token and patch tokens on the SiT token grid ----------------------------------
@@ -591,14 +582,10 @@ def check_feats(cfg, feats):
     if needs_patches and feats[1] is None:
         raise ValueError("this method aligns or averages the patch tokens: pass feats=(cls, patches), not (cls, None)")
     if cfg.entangled and tuple(feats[0].shape[1:]) != (cfg.encoder_dim,):
-        raise ValueError(f"the encoder's class token is {tuple(feats[0].shape)}, the model's encoder_dim "
-                         f"{cfg.encoder_dim}: build the model with the encoder's width")  # fmt: skip
-    if needs_patches and tuple(feats[1].shape[1:]) != (cfg.grid**2, cfg.encoder_dim):
-        raise ValueError(
-            f"encoder patch tokens have shape {tuple(feats[1].shape[1:])} but the SiT grid needs (T, E) = "
-            f"({cfg.grid**2}, {cfg.encoder_dim}): the encoder's patch grid must equal the SiT grid "
-            "(load_encoder(grid=...))"
-        )
+        raise ValueError(f"class token {tuple(feats[0].shape)}: build the model with encoder_dim = its width")
+    need = (cfg.grid**2, cfg.encoder_dim)
+    if needs_patches and tuple(feats[1].shape[1:]) != need:
+        raise ValueError(f"patch tokens {tuple(feats[1].shape[1:])}, the SiT grid needs (T, E) = {need}: set the grid")
 
 
 @torch.no_grad()
@@ -917,10 +904,7 @@ def load_checkpoint(path):
                 path, map_location="cpu", weights_only=True, mmap=True
             )  # read lazily: a second look is cheap
     except Exception as e:
-        raise ValueError(
-            f"checkpoint {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is corrupt or not "
-            "a PyTorch checkpoint: delete it or pass another one"
-        ) from None
+        raise ValueError(f"{path} cannot be read ({str(e)[:160]}): it is corrupt: delete it or pass another") from None
 
 
 def load_model(path, weights="ema"):
@@ -932,8 +916,7 @@ def load_model(path, weights="ema"):
     bare = all(torch.is_tensor(v) for v in checkpoint.values())
     sd = checkpoint if bare else checkpoint.get(weights)
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} has no {weights!r} weights (its keys: {sorted(map(str, checkpoint))[:8]}): pass "
-                         "a SiT checkpoint, or the other weights (ema or model)")  # fmt: skip
+        raise ValueError(f"{path} has no {weights!r} weights ({sorted(map(str, checkpoint))[:8]}): pass a SiT's")
     config = None if bare else checkpoint.get("config")
     cfg = config_from_dict(config) if config else config_from_state_dict(sd)
     release_args = None if bare else checkpoint.get("args")  # the release's Namespace: its REPA block
@@ -1029,18 +1012,26 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     return state
 
 
+LOCKS = {}  # this process's run-folder locks: a process may re-enter its own folder (tests, --compare)
+
+
 def lock_folder(folder):
     """One process per run folder: an exclusive lock on <folder>/lock, held until the process ends (the kernel frees
-    it on any exit, kill -9 included). Returns the open file; keep it."""
+    it on any exit, kill -9 included); another process gets an error that says so."""
     import fcntl  # Unix; Part B only, so Part A copies anywhere
 
     os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, "lock"), "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"another process is writing to {folder}: wait for it to end, or pass another --out") from None
-    return handle
+    path = os.path.realpath(os.path.join(folder, "lock"))
+    if path not in LOCKS or LOCKS[path].closed:  # closed: released by a `with` block
+        LOCKS[path] = open(path, "a")
+        try:
+            fcntl.flock(LOCKS[path], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            LOCKS.pop(path).close()
+            raise ValueError(
+                f"another process is writing to {folder}: wait for it to end, or pass another --out"
+            ) from None
+    return LOCKS[path]
 
 
 def log(folder, **record):
@@ -1098,10 +1089,7 @@ def check_finite(record, step, folder):
     bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         last = checkpoints(folder)[-1] if checkpoints(folder) else "none yet"
-        raise RuntimeError(
-            f"non-finite values at step {step} ({bad}); nothing was saved. The last good checkpoint is {last}: "
-            "continue it with --resume and a lower --lr, or use --precision fp32"
-        )
+        raise RuntimeError(f"non-finite {bad} at step {step}, not saved; from {last} run again with a lower --lr")
 
 
 def pick_device(name=None):
@@ -1266,14 +1254,28 @@ def plot_log(logs, png, keys):
         for name, records in runs.items():
             rows = [r for r in records if key in r]
             values = torch.tensor([r[key] for r in rows], dtype=torch.float64).view(len(rows), -1)  # (steps, curves)
-            ax.plot([r["step"] for r in rows], values.numpy(), label=name or None)
-        ax.set(title=key, xlabel="step", yscale="log" if key.startswith("bin_") else "linear")
-        if len(runs) > 1:
-            ax.legend(fontsize=7)
+            ax.plot([r["step"] for r in rows], values.numpy(), label=name)
+        ax.set(title=key, xlabel="step", yscale="log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+def read_image(path):
+    """One image file -> uint8 (H, W, 3): 16-bit files scaled to 8 bits (PIL's convert would clip them to white); a
+    file that cannot be read is an error that names it."""
+    import numpy as np  # Part B only: Part A needs neither numpy nor PIL
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16-bit greyscale: 65535 -> 255
+                image = Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8))
+            return np.asarray(image.convert("RGB"))
+    except Exception as e:  # truncated, corrupt, not an image
+        raise ValueError(f"image {path} cannot be read ({e}): replace or delete it and rerun") from None
 
 
 # the SD-VAE of latent diffusion: latents are scaled by 0.18215 to unit variance (LDM); REG and REPA use 'ema'
@@ -1282,17 +1284,13 @@ VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
 def load_vae(name="ema", device="cpu"):
-    """The SD-VAE (diffusers AutoencoderKL): 'ema' / 'mse' (fetched from the hub), a hub name, a local folder with
-    config.json and the weights, or a weights file inside such a folder."""
-    repo = VAES.get(name, name)
-    folder = os.path.dirname(repo) if os.path.isfile(repo) else repo
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise ValueError("the SD-VAE needs diffusers: pip install diffusers") from None
+    """The SD-VAE (diffusers AutoencoderKL): 'ema' / 'mse' (fetched from the hub), a hub name, or a local folder with
+    config.json and the weights."""
+    from diffusers import AutoencoderKL
+
     try:
         # low_cpu_mem_usage=False: the VAE is small; it loads without `accelerate` (and without a warning about it)
-        vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(VAES.get(name, name), low_cpu_mem_usage=False)
     except Exception as e:
         raise ValueError(
             f"no SD-VAE from {name!r} ({type(e).__name__}: {str(e)[:120]}). Offline? Put config.json and "

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.datasets import CIFAR10
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 import reg
 
-# what makes a run another experiment: --resume refuses a change of any of these (the rest may change, and is logged)
+# what makes a run another experiment: a run folder with checkpoints continues from the newest only if none of these
+# changed (the rest may change, and is logged)
 MUST_MATCH = ("model", "method", "beta", "lam", "batch_size", "seed", "encoder", "limit", "holdout", "unconditional",
               "ema", "token_dim", "data_key", "encoder_key")  # fmt: skip
 COMPARE_METHODS = ("sit", "repa", "reg")
@@ -60,17 +60,6 @@ class Data:
 # Data -----------------------------------------------------------------------------------------------------------------
 
 
-def read_image(path):
-    """One image file -> uint8 (H, W, 3); 16-bit files are scaled to 8 bits (PIL would clip them to white)."""
-    try:
-        with Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16 or 32-bit integer greyscale
-                image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
-            return np.asarray(image.convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"image {path} cannot be read ({e}): replace or delete it") from None
-
-
 def read_folder(d):
     """An ImageFolder (one folder of same-size images per class) -> uint8 (n, H, W, 3), labels, class names."""
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
@@ -86,7 +75,7 @@ def read_folder(d):
     if not paths:
         raise ValueError(f"no images in the class folders of {d}: point --data-dir at the folder that holds the class "
                          "folders (for the CIFAR archive: its train folder)")  # fmt: skip
-    arrays = [read_image(path) for path in tqdm(paths, desc="reading images", disable=len(paths) < 5000)]
+    arrays = [reg.read_image(path) for path in tqdm(paths, desc="reading images", disable=len(paths) < 5000)]
     sizes = {a.shape for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"--data-dir {d}: images of several sizes {sorted(sizes)[:3]}: resize them to one size")
@@ -219,7 +208,7 @@ def train(args):
     device = reg.pick_device(args.device)
     ctx = reg.autocast(device, args.precision)
     out = args.out or os.path.join("runs", f"cifar-{args.method}-{args.model.replace('/', '-')}")
-    lock = reg.lock_folder(out)  # noqa: F841 (held until the process ends: one trainer per folder)
+    reg.lock_folder(out)  # one trainer per folder, until this process ends
     data = load_data(args, device)
     preset = reg.PRESETS[args.model]
     settings = dict(vars(args), data_key=reg.fingerprint(data.images, data.labels), encoder_key=None)
@@ -248,9 +237,7 @@ def train(args):
     torch.backends.cudnn.allow_tf32 = True
     # Resume
     step = 0
-    if reg.checkpoints(out) and not args.resume:
-        raise ValueError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
-    if reg.checkpoints(out):
+    if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
         step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
     judge = make_judge(args, data, ema) if args.eval_every else None
     print(f"run {out}: {args.method}, {args.model}, {data.n_train} images, {len(data.classes)} classes, {device}, "
@@ -418,10 +405,7 @@ def compare(args):
             logs[name] = os.path.join(folder, "log.jsonl")
             if stopped:
                 return out, True
-    png = reg.plot_log(logs, os.path.join(out, "compare.png"), ("fd", "denoise"))
-    for name, path in logs.items():
-        last = [r for r in reg.read_log(path) if "fd" in r][-1]
-        print(f"{name:>12}: step {last['step']}, FD {last['fd']:.2f} (halves {last['fd_a']:.2f}, {last['fd_b']:.2f})")
+    png = reg.plot_log(logs, os.path.join(out, "compare.png"), ("fd", "fd_a", "fd_b", "denoise"))
     print(f"comparison: {png}")
     return out, False
 
@@ -457,7 +441,7 @@ def parse_args(argv=None):
     a("--micro-batch", type=reg.positive_int, default=None, help="images per forward pass (gradient accumulation; "
       "must divide --batch-size); default --batch-size")  # fmt: skip
     a("--lr", type=reg.positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4; betas 0.9/0.999, no weight "
-      "decay); 1e-3 for SiT-Ti on a CPU; may change on --resume")  # fmt: skip
+      "decay); 1e-3 for SiT-Ti on a CPU; may change when a run continues")  # fmt: skip
     a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay per step; 0.9999 (paper); 0.995: short runs")
     a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU autocast; fp16 adds a GradScaler")
     a("--compile", action="store_true", help="torch.compile the SiT (off by default, so it can be stepped through)")
@@ -465,7 +449,6 @@ def parse_args(argv=None):
     a("--seed", type=reg.nonneg_int, default=0, help="seeds the init, the data order and the sample noise; default 0")
     a("--out", default=None, help="run folder; default runs/cifar-<method>-<model> (--compare: runs/cifar-compare-"
       "<model>, a folder per run inside)")  # fmt: skip
-    a("--resume", action="store_true", help="continue the newest checkpoint in --out, exactly")
     a("--log-every", type=reg.positive_int, default=100, help="steps per log record (interval means, images/s, MFU, "
       "peak memory; the loop's only host syncs); default 100")  # fmt: skip
     a("--ckpt-every", type=reg.positive_int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C "

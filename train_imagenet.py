@@ -64,13 +64,7 @@ def center_crop(image, res):
 
 def load_crop(path, args):
     """One image file -> its crop, uint8 (3, res, res); a file that cannot be used is an error naming it and the fix."""
-    try:
-        with Image.open(path) as file:
-            if file.mode.startswith("I"):  # 16-bit grey (PNG): convert("RGB") would clip all above 255 to white
-                file = Image.fromarray((np.asarray(file) / 257).round().astype(np.uint8))  # 65535 -> 255
-            image = file.convert("RGB")
-    except Exception as e:  # truncated, corrupt, not an image
-        raise ValueError(f"image {path} cannot be read ({e}): replace or delete it and rerun") from None
+    image = Image.fromarray(reg.read_image(path))  # 16-bit files scaled, unreadable ones named
     if min(image.size) < args.resolution and not args.upscale:
         raise ValueError(f"image {path} is smaller than --resolution {args.resolution}: pass --upscale, or delete it")
     return torch.from_numpy(center_crop(image, args.resolution).copy()).permute(2, 0, 1)

@@ -8,7 +8,10 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,7 +377,9 @@ def test_ctrl_c_finishes_the_step_and_saves(root, tmp_path, monkeypatch):
 
 def test_nonfinite_loss_stops_without_saving_it(root, tmp_path):
     """lr 1e30: step 1 is finite and saved, step 2's loss is not: the run stops before saving it, naming the fix."""
-    with pytest.raises(SystemExit, match=r"non-finite values at step 2 .*0000001\.pt.*--resume and a lower --lr"):
+    with pytest.raises(
+        SystemExit, match=r"non-finite .* at step 2, not saved; from .*0000001\.pt run again with a lower --lr"
+    ):
         train(root / "prep", tmp_path, "--steps", "5", "--lr", "1e30", "--log-every", "1", "--ckpt-every", "1")
     assert [os.path.basename(p) for p in reg.checkpoints(str(tmp_path))] == ["0000001.pt"]
     assert all(torch.isfinite(v).all() for v in load(tmp_path / "0000001.pt")["model"].values())
@@ -434,8 +439,14 @@ def test_plain_sit_never_loads_an_encoder(root, tmp_path, monkeypatch):
 
 
 def test_two_trainers_on_one_folder_are_refused(root, tmp_path):
-    lock = reg.lock_folder(str(tmp_path))
-    with pytest.raises(SystemExit, match="another process is writing"):
-        train(root / "prep", tmp_path, "--steps", "1")
-    lock.close()
-    train(root / "prep", tmp_path, "--steps", "1")
+    holder = subprocess.Popen([sys.executable, "-c", f"import reg, time; held = reg.lock_folder({str(tmp_path)!r}); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).parent.parent, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match="another process is writing"):
+            train(root / "prep", tmp_path, "--steps", "1")
+    finally:
+        holder.kill()
+        holder.wait()
+    train(root / "prep", tmp_path, "--steps", "1")  # the lock ends with its process
