@@ -25,6 +25,7 @@ Part B (sections 8-9) is the training kit the scripts share: run folders, device
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -376,10 +377,6 @@ ENCODERS = {
     "dinov2-b": "vit_base_patch14_dinov2.lvd142m",
     "dinov2-l": "vit_large_patch14_dinov2.lvd142m",
     "dinov2-g": "vit_giant_patch14_dinov2.lvd142m",
-    "dinov2-s-reg": "vit_small_patch14_reg4_dinov2.lvd142m",
-    "dinov2-b-reg": "vit_base_patch14_reg4_dinov2.lvd142m",
-    "dinov2-l-reg": "vit_large_patch14_reg4_dinov2.lvd142m",
-    "dinov2-g-reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
 }
 
 
@@ -441,7 +438,7 @@ def check_signed_range(images):
 
 
 def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--encoder-weights", size=None):
-    """DINOv2 (`dinov2-{s,b,l,g}[-reg]`) or any timm model by name. `weights`: a local file (offline), None to fetch
+    """DINOv2 (`dinov2-{s,b,l,g}`) or any timm model by name (the register variants: vit_*_patch14_reg4_dinov2.lvd142m). `weights`: a local file (offline), None to fetch
     from the Hugging Face hub, or 'random' for an untrained copy of the architecture (tests). Weights load strictly:
     a file of another architecture is an error, never a random encoder. `size`: a CNN's input side (default its own)."""
     import timm
@@ -669,22 +666,8 @@ def sampling_labels(model, x, y, null_label):
 
 
 @torch.no_grad()
-def sample(
-    model,
-    x,
-    y=None,
-    cls=None,
-    steps=250,
-    mode="sde",
-    cfg_scale=1.0,
-    cls_cfg_scale=None,
-    interval=(0.0, 1.0),
-    null_label=None,
-    path="linear",
-    state_dtype=None,
-    noise=torch.randn_like,
-    trace=None,
-):
+def sample(model, x, y=None, cls=None, steps=250, mode="sde", cfg_scale=1.0, cls_cfg_scale=None, interval=(0.0, 1.0),
+           null_label=None, path="linear", state_dtype=None, noise=torch.randn_like, trace=None):  # fmt: skip
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns (x, cls) at t = 0 (cls None without a token).
     mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler' / 'heun': the probability-flow
     ODE dx/dt = v. CFG where low <= t <= high and either scale differs from 1: each velocity is v_uncond + scale
@@ -843,22 +826,14 @@ def config_from_state_dict(sd):
         encoder_dim = sd["projector.4.weight"].shape[0]
     else:
         encoder_dim = 768
-    return SiTConfig(
-        input_size=math.isqrt(T) * p,
-        in_channels=C,
-        patch_size=p,
-        depth=depth,
-        hidden_size=D,
-        num_heads=matching[0]["num_heads"],
-        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-        qk_norm="blocks.0.attn.q_norm.weight" in sd,
-        repa=repa,
-        token_kind=token_kind,
-        encoder_dim=encoder_dim,
-        encoder_depth=matching[0]["encoder_depth"],
-        projector_dim=sd["projector.0.weight"].shape[0] if repa else 2048,
-        token_dim=token_dim,
-    )
+    heads = matching[0]["num_heads"]
+    projector_dim = sd["projector.0.weight"].shape[0] if repa else 2048
+    classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
+    qk_norm = "blocks.0.attn.q_norm.weight" in sd
+    return SiTConfig(input_size=math.isqrt(T) * p, in_channels=C, patch_size=p, depth=depth, hidden_size=D,
+                     num_heads=heads, num_classes=classes, qk_norm=qk_norm, repa=repa, token_kind=token_kind,
+                     encoder_dim=encoder_dim, encoder_depth=matching[0]["encoder_depth"], projector_dim=projector_dim,
+                     token_dim=token_dim)  # fmt: skip
 
 
 def load_weights(model, sd):
@@ -1012,6 +987,20 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     return state
 
 
+def optimizer_step(model, ema, opt, scaler, clip=1.0, decay=0.9999):
+    """After the backward passes: clip the gradient norm (the paper's 1.0), step AdamW through the GradScaler (which
+    acts only for fp16 and skips a step whose gradient overflowed), clear the gradients, update the EMA.
+    -> (grad norm, skipped): an fp16 skip's norm is 0 and `skipped` 1, so the log's means stay finite."""
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    ema_update(ema, model, decay)
+    skipped = torch.isfinite(grad_norm).logical_not() & scaler.is_enabled()  # elsewhere a NaN norm stops the run
+    return grad_norm.where(~skipped, 0.0), skipped
+
+
 LOCKS = {}  # this process's run-folder locks: a process may re-enter its own folder (tests, --compare)
 
 
@@ -1130,28 +1119,13 @@ def number(text, kind, low, high, allowed):
     return value
 
 
-def positive_int(text):
-    return number(text, int, 1, math.inf, "an integer >= 1")
-
-
-def nonneg_int(text):
-    return number(text, int, 0, math.inf, "an integer >= 0")
-
-
-def unit_float(text):
-    return number(text, float, 0.0, 1.0, "a number from 0 to 1")
-
-
-def nonneg_float(text):
-    return number(text, float, 0.0, math.inf, "a finite number >= 0")
-
-
-def positive_float(text):
-    return number(text, float, 1e-300, math.inf, "a finite number > 0")
-
-
-def finite_float(text):
-    return number(text, float, -math.inf, math.inf, "a finite number")
+# the argparse types of the scripts' numbers
+positive_int = functools.partial(number, kind=int, low=1, high=math.inf, allowed="an integer >= 1")
+nonneg_int = functools.partial(number, kind=int, low=0, high=math.inf, allowed="an integer >= 0")
+unit_float = functools.partial(number, kind=float, low=0.0, high=1.0, allowed="a number from 0 to 1")
+nonneg_float = functools.partial(number, kind=float, low=0.0, high=math.inf, allowed="a finite number >= 0")
+positive_float = functools.partial(number, kind=float, low=1e-300, high=math.inf, allowed="a finite number > 0")
+finite_float = functools.partial(number, kind=float, low=-math.inf, high=math.inf, allowed="a finite number")
 
 
 # dense bf16 peak TFLOP/s of common GPUs, for the MFU (nanoGPT's estimate_mfu, per PaLM appendix B)

@@ -600,7 +600,7 @@ def test_reg_memorises_two_images_and_generates_each_with_its_own_token():
 
 def test_vit_encoder_drops_prefix_and_register_tokens_on_the_sit_grid():
     torch.manual_seed(0)
-    enc = reg.load_encoder("dinov2-s-reg", grid=2, weights="random")
+    enc = reg.load_encoder("vit_small_patch14_reg4_dinov2.lvd142m", grid=2, weights="random")
     assert enc.size == 28 and enc.net.num_prefix_tokens == 5
     img = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
     cls, patches = enc(img)

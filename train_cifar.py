@@ -108,6 +108,18 @@ def load_data(args, device):
     return Data(images.to(device), labels.to(device), classes, len(train))
 
 
+def attach_encoder(args, data):
+    """The frozen encoder, and with --cache-features its feature cache, on `data`. -> the key of its weights."""
+    grid = data.images.shape[-1] // reg.PRESETS[args.model]["patch_size"]
+    with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
+        torch.manual_seed(args.seed)
+        data.encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, data.images.device)
+    encoder_key = reg.fingerprint(*data.encoder.state_dict().values())
+    if args.cache_features:
+        data.cache = open_cache(args, data, reg.fingerprint(data.images, data.labels, encoder_key, grid))
+    return encoder_key
+
+
 def to_pixels(u8, flip):
     """uint8 (B, 3, H, W) -> float in [-1, 1], mirrored where flip (B,) is 1 (the only augmentation)."""
     mirrored = torch.where(flip.view(-1, 1, 1, 1).bool(), u8.flip(-1), u8)
@@ -210,38 +222,18 @@ def train(args):
     out = args.out or os.path.join("runs", f"cifar-{args.method}-{args.model.replace('/', '-')}")
     reg.lock_folder(out)  # one trainer per folder, until this process ends
     data = load_data(args, device)
-    preset = reg.PRESETS[args.model]
     settings = dict(vars(args), data_key=reg.fingerprint(data.images, data.labels), encoder_key=None)
-    method = reg.SiTConfig(**reg.METHODS[args.method])
-    if method.needs_encoder:
-        with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
-            torch.manual_seed(args.seed)
-            grid = data.images.shape[-1] // preset["patch_size"]
-            data.encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, device)
-        settings["encoder_key"] = reg.fingerprint(*data.encoder.state_dict().values())
-    if args.cache_features and method.needs_encoder:
-        data.cache = open_cache(args, data, reg.fingerprint(settings["data_key"], settings["encoder_key"], grid))
+    if reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder:
+        settings["encoder_key"] = attach_encoder(args, data)
     # Model and optimiser
-    torch.manual_seed(args.seed)
-    overrides = dict(input_size=data.images.shape[-1], in_channels=3, num_classes=len(data.classes),
-                     encoder_dim=data.encoder.dim if data.encoder else 768, token_dim=args.token_dim)  # fmt: skip
-    model = reg.make_model(args.model, args.method, **overrides).to(device)
-    if model.entangled and args.token_dim:  # ours: the token on its top principal directions over the training set
-        model.set_token_basis(training_tokens(data, model.cfg))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=cuda)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16" and cuda)  # acts only for fp16
+    model, ema, opt, scaler = build(args, data, device)
     net = torch.compile(model) if args.compile else model
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts on GPUs
-    torch.backends.cudnn.allow_tf32 = True
     # Resume
     step = 0
     if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
         step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
     judge = make_judge(args, data, ema) if args.eval_every else None
-    print(f"run {out}: {args.method}, {args.model}, {data.n_train} images, {len(data.classes)} classes, {device}, "
-          f"from step {step}")  # fmt: skip
+    print(f"run {out}: {args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, step {step}")
     # Train
     sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
     logged = (step, time.perf_counter())
@@ -258,14 +250,8 @@ def train(args):
                     losses = reg.reg_loss(net, x[part], y[part], part_feats, beta=args.beta, lam=args.lam)
                 scaler.scale(losses["loss"] * weight).backward()  # gradients add up over the micro-batches
                 add_to(sums, losses, weight)
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the paper's clip
-            scaler.step(opt)  # fp16: skipped when the gradient overflowed
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            reg.ema_update(ema, model, args.ema)
-            skipped = torch.isfinite(grad_norm).logical_not() & scaler.is_enabled()  # fp16 overflow: a skipped step
-            add_to(sums, dict(grad_norm=grad_norm.where(~skipped, 0.0), skipped=skipped), 1.0)
+            grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, 1.0, args.ema)  # clip, AdamW, EMA
+            add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
             step += 1
             if step == started[0] + FORECAST_STEP:
                 forecast(args, step - started[0], time.perf_counter() - started[1], device)
@@ -277,10 +263,33 @@ def train(args):
                 evaluate(args, ema, data, judge, out, step)
             if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                 reg.save_training_state(out, step, model, ema, opt, scaler, settings, KEEP)
-    log_path = os.path.join(out, "log.jsonl")
-    reg.plot_log({"": log_path}, os.path.join(out, "losses.png"), ("loss", "denoise", "denoise_cls", "align"))
-    reg.plot_log({"": log_path}, os.path.join(out, "t_bins.png"), ("bin_denoise", "bin_denoise_cls"))
+    plot_run(out)
     return out, stop.requested
+
+
+def plot_run(out):
+    """losses.png: the loss terms over the steps; t_bins.png: the held-out loss per t bin (after an evaluation)."""
+    log_path = {"": os.path.join(out, "log.jsonl")}
+    reg.plot_log(log_path, os.path.join(out, "losses.png"), ("loss", "denoise", "denoise_cls", "align"))
+    reg.plot_log(log_path, os.path.join(out, "t_bins.png"), ("bin_denoise", "bin_denoise_cls"))
+
+
+def build(args, data, device):
+    """The SiT (with --token-dim, its token's directions fitted to the training set), its EMA, AdamW (the paper's:
+    betas 0.9/0.999, no weight decay) and the GradScaler, which acts only for fp16."""
+    torch.manual_seed(args.seed)
+    overrides = dict(input_size=data.images.shape[-1], in_channels=3, num_classes=len(data.classes),
+                     encoder_dim=data.encoder.dim if data.encoder else 768, token_dim=args.token_dim)  # fmt: skip
+    model = reg.make_model(args.model, args.method, **overrides).to(device)
+    if model.entangled and args.token_dim:  # ours: the token on its top principal directions
+        model.set_token_basis(training_tokens(data, model.cfg))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=cuda)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16" and cuda)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts on GPUs
+    torch.backends.cudnn.allow_tf32 = True
+    return model, ema, opt, scaler
 
 
 def add_to(sums, values, weight):
@@ -418,54 +427,51 @@ def seed_list(text):
     return [reg.nonneg_int(s) for s in text.split(",")]
 
 
-def parse_args(argv=None):
+def parser():
+    """Every setting, its default and where the default comes from."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data-dir", default="data/cifar10", help="an ImageFolder (a folder per class), or where CIFAR-10 is or goes")
     a("--limit", type=reg.nonneg_int, default=0, help="train on a fixed random subset of this many images; 0 = all")
-    a("--holdout", type=reg.nonneg_int, default=256, help="images set aside, never trained on: the held-out batch of "
-      "the loss per t bin; default 256")  # fmt: skip
+    a("--holdout", type=reg.nonneg_int, default=256, help="images never trained on (the loss per t bin); default 256")
     a("--unconditional", action="store_true", help="every label 0 (one class); the grids show rows of samples")
     a("--model", default="SiT-B/2", choices=list(reg.PRESETS), help="default SiT-B/2 (~1 h on a GPU); CPU: SiT-Ti/4")
     a("--method", default="reg", choices=list(reg.METHODS), help="reg (the paper), repa, sit, or a REG Sec. 4 ablation")
     a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
     a("--lam", type=reg.nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
-    a("--token-dim", type=reg.nonneg_int, default=0, help="ours: the token on its top-K principal directions over "
-      "the training images, K <= the model's width, so it fits through the model; 0 = the whole token (the paper)")  # fmt: skip
-    a("--encoder", default="dinov2-b", help="frozen encoder: dinov2-{s,b,l,g}[-reg] or a timm name; paper dinov2-b")
+    a("--token-dim", type=reg.nonneg_int, default=0, help="ours: K <= width, the token on its top K directions; 0: all")
+    a("--encoder", default="dinov2-b", help="frozen encoder: dinov2-{s,b,l,g} or a timm name; paper dinov2-b")
     a("--encoder-weights", default=None, help="a local weights file (offline), or 'random' (tests); default: the hub")
     a("--cache-features", action="store_true", help="encode the data once (both flips, float16) and train without it")
     a("--cache-dir", default=None, help="where feature caches and FD reference statistics go; default --data-dir")
     a("--steps", type=reg.positive_int, default=40000, help="optimiser steps; default 40k (SiT-B/2: ~1 h, est.)")
     a("--batch-size", type=reg.positive_int, default=128, help="images per optimiser step; default 128")
-    a("--micro-batch", type=reg.positive_int, default=None, help="images per forward pass (gradient accumulation; "
-      "must divide --batch-size); default --batch-size")  # fmt: skip
-    a("--lr", type=reg.positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4; betas 0.9/0.999, no weight "
-      "decay); 1e-3 for SiT-Ti on a CPU; may change when a run continues")  # fmt: skip
+    a("--micro-batch", type=reg.positive_int, help="images per pass, dividing --batch-size (accumulation); default all")
+    a("--lr", type=reg.positive_float, default=1e-4, help="AdamW (paper 1e-4; SiT-Ti on a CPU 1e-3); may change later")
     a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay per step; 0.9999 (paper); 0.995: short runs")
     a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU autocast; fp16 adds a GradScaler")
     a("--compile", action="store_true", help="torch.compile the SiT (off by default, so it can be stepped through)")
     a("--device", default=None, help="default: cuda, then mps, then cpu")
     a("--seed", type=reg.nonneg_int, default=0, help="seeds the init, the data order and the sample noise; default 0")
-    a("--out", default=None, help="run folder; default runs/cifar-<method>-<model> (--compare: runs/cifar-compare-"
-      "<model>, a folder per run inside)")  # fmt: skip
-    a("--log-every", type=reg.positive_int, default=100, help="steps per log record (interval means, images/s, MFU, "
-      "peak memory; the loop's only host syncs); default 100")  # fmt: skip
-    a("--ckpt-every", type=reg.positive_int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C "
-      "and SIGTERM); default 5000")  # fmt: skip
-    a("--sample-every", type=reg.nonneg_int, default=2500, help="steps between EMA sample grids and sampling strips; "
-      "default 2500, 0 = off")  # fmt: skip
+    a("--out", help="run folder (rerun to continue it); default runs/cifar-<method>-<model>, or -compare-<model>")
+    a("--log-every", type=reg.positive_int, default=100, help="steps per record (means, images/s, MFU, memory); 100")
+    a("--ckpt-every", type=reg.positive_int, default=5000, help="steps per checkpoint (also at the end and on stops)")
+    a("--sample-every", type=reg.nonneg_int, default=2500, help="steps per EMA grid and sampling strip; 0 = off")
     a("--sampler", default="euler", choices=["euler", "heun", "sde"], help="default euler (fast; the paper's: sde)")
-    a("--sample-steps", type=reg.positive_int, default=50, help="sampler steps; default 50 (speed; the paper's 250); "
-      "the grids and FD samples use no guidance (sample.py does)")  # fmt: skip
-    a("--eval-every", type=reg.nonneg_int, default=0, help="steps between evaluations (FD, loss per t bin, token "
-      "landing and consistency); default 0 = off")  # fmt: skip
+    a("--sample-steps", type=reg.positive_int, default=50, help="sampler steps, no guidance (sample.py has it); 50")
+    a("--eval-every", type=reg.nonneg_int, default=0, help="steps per evaluation (FD, t bins, token); default 0 = off")
     a("--eval-n", type=reg.positive_int, default=5000, help="EMA samples per FD evaluation (>= 4); default 5000")
     a("--fd-encoder", default="dinov2-l", help="the FD feature space; default dinov2-l (FD_DINOv2, Stein et al. 2023)")
     a("--fd-encoder-weights", default=None, help="a local weights file for --fd-encoder; default: the hub")
     a("--compare", action="store_true", help="train sit, repa and reg in turn with the same settings and draw "
       f"compare.png; its defaults: {COMPARE_DEFAULTS} (any flag given wins)")  # fmt: skip
     a("--seeds", type=seed_list, default=None, help="--compare: seeds to run each method with, e.g. 0,1")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with the checks that involve two flags (argparse's error: usage, message, exit status 2)."""
+    p = parser()
     args = p.parse_args(argv)
     if args.compare:  # the comparison's own defaults; flags given on the command line still win
         p.set_defaults(**COMPARE_DEFAULTS)

@@ -208,48 +208,40 @@ def sample_grid(ema, vae, path, n=16):
 # Train ----------------------------------------------------------------------------------------------------------------
 
 
-def train(args):
+def processes(args):
+    """torchrun's process (RANK of WORLD_SIZE, one per GPU; DDP when there are several), its device, and the split of
+    the global batch: micro-batches of `micro` images, `accum` of them per step (gradient accumulation)."""
     rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun: one process per GPU, DDP when there are several
+    world = int(os.environ.get("WORLD_SIZE", 1))
     micro = args.micro_batch or args.batch_size // world
-    accum = args.batch_size // max(micro * world, 1)  # passes per step: gradient accumulation
+    accum = args.batch_size // max(micro * world, 1)
     if micro * world * accum != args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} is no multiple of --micro-batch x GPUs ({micro} x {world})")
     device = reg.pick_device(args.device)
     if world > 1:  # NCCL for the GPU's tensors; gloo for the CPU's (the stop flag: agreeing never waits for the GPU)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return rank, world, micro, accum, device
 
+
+def train(args):
+    rank, world, micro, accum, device = processes(args)
     # Data
     shards, manifest = load_prepared(args.data_dir)
     starts = torch.tensor([0] + [len(shard["labels"]) for shard in shards]).cumsum(0)  # the first row of each shard
     classes = ["unconditional"] if args.unconditional else manifest["classes"]  # unconditional: every label 0
     if starts[-1] < args.batch_size:
         raise ValueError(f"{args.data_dir} holds {int(starts[-1])} images, fewer than --batch-size {args.batch_size}")
-
     # Model and optimiser
-    latent = manifest["resolution"] // 8  # SD-VAE latents: 32 for 256 px
-    grid = latent // reg.PRESETS[args.model]["patch_size"]  # DINOv2 at 14 x grid px: 224 for 256 px, 448 for 512
-    torch.manual_seed(args.seed)  # a 'random' encoder (tests) is the same on every process
-    needs_encoder = reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder
-    encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, device) if needs_encoder else None
-    torch.manual_seed(args.seed)  # the init does not depend on the encoder's draws
-    model = reg.make_model(args.model, args.method, input_size=latent, num_classes=len(classes),
-                           encoder_dim=encoder.dim if encoder else 768).to(device)  # fmt: skip
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # a CPU scales fp32 (the tests)
+    encoder, model, ema, opt, scaler = build(args, manifest["resolution"] // 8, len(classes), device)
     encoder_key = reg.fingerprint(*encoder.state_dict().values()) if encoder else None  # its weights, not their path
     settings = dict(vars(args), data_key=reg.fingerprint(manifest["sources"]), encoder_key=encoder_key)
     extras = dict(classes=classes, resolution=manifest["resolution"], vae=manifest["vae"])  # what sample.py reads
-    flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (the frozen encoder not counted)
-
     # Resume
     start = 0
     if reg.checkpoints(args.out):  # a run folder with checkpoints continues, if it is the same experiment
         start = reg.resume(args.out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # after the resume: copies rank 0's
     vae = reg.load_vae(args.vae or manifest["vae"], device) if args.sample_every and rank == 0 else None
-
     # Train
     sums = {key: torch.zeros((), device=device) for key in LOGGED}  # on the device: the loop syncs only at logs
     last = (start, time.perf_counter())  # the step and time of the last log record
@@ -267,17 +259,10 @@ def train(args):
                     scaler.scale(losses["loss"] / accum).backward()
                 for key in LOSSES:
                     sums[key] += losses[key].detach() / accum
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(opt)  # fp16: skipped when the gradient overflowed (the scaler then lowers its scale)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            reg.ema_update(ema, model, args.ema)
-            skipped = ~torch.isfinite(grad_norm) & scaler.is_enabled()  # elsewhere a NaN norm stays: the log stops
+            grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, args.clip, args.ema)  # clip, AdamW, EMA
             sums["skipped"] += skipped
-            sums["grad_norm"] += torch.where(skipped, 0.0, grad_norm)
-            # Every step under DDP, the processes agree whether to stop: a scheduler's SIGTERM reaches them at
-            # different steps, and one that stopped alone would leave the others waiting in the next all_reduce.
+            sums["grad_norm"] += grad_norm
+            # every step, the processes agree whether to stop (SIGTERM reaches them at different steps)
             stopping = torch.tensor([float(stop.requested)])
             if world > 1:
                 dist.all_reduce(stopping)
@@ -285,19 +270,7 @@ def train(args):
             done = step + 1
             save = done % args.ckpt_every == 0 or done == args.steps or stopping.item() > 0
             if save or done % args.log_every == 0:
-                steps = done - last[0]
-                values = torch.stack([sums[key] for key in LOGGED])
-                if world > 1:
-                    dist.all_reduce(values)  # every process has its own losses, and the grad norm DDP made equal
-                record = dict(zip(LOGGED, (values / world).tolist()))  # a sum of `world` equal integers / world: exact
-                record.update({key: record[key] / steps for key in LOSSES})  # the means over the interval
-                record["grad_norm"] /= max(steps - record["skipped"], 1)  # over the steps fp16's scaler did not skip
-                # images/s and MFU of this process's GPU (its share of each batch: micro x accum images)
-                record.update(reg.speed(steps * micro * accum, time.perf_counter() - last[1], flops_per_image, device))
-                reg.check_finite(record, done, args.out)
-                if rank == 0:
-                    reg.log(args.out, step=done, **record)
-                    print(f"step {done}: " + ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
+                log_interval(args, sums, done, last, micro * accum, reg.model_flops(model.cfg), device, world)
                 sums = {key: torch.zeros((), device=device) for key in LOGGED}
                 last = (done, time.perf_counter())
             if vae is not None and done % args.sample_every == 0:
@@ -308,6 +281,40 @@ def train(args):
                 break
     if world > 1:
         dist.destroy_process_group()
+
+
+def build(args, latent, num_classes, device):
+    """The frozen encoder (None for plain SiT), the SiT on latents of side `latent` (32 for 256 px), its EMA, AdamW
+    (the paper's: betas 0.9/0.999, no weight decay) and the GradScaler (fp16 only; on a CPU it scales fp32: tests)."""
+    grid = latent // reg.PRESETS[args.model]["patch_size"]  # DINOv2 at 14 x grid px: 224 for 256 px, 448 for 512
+    torch.manual_seed(args.seed)  # a 'random' encoder (tests) is the same on every process
+    needs_encoder = reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder
+    encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, device) if needs_encoder else None
+    torch.manual_seed(args.seed)  # the init does not depend on the encoder's draws
+    model = reg.make_model(args.model, args.method, input_size=latent, num_classes=num_classes,
+                           encoder_dim=encoder.dim if encoder else 768).to(device)  # fmt: skip
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    return encoder, model, ema, opt, scaler
+
+
+def log_interval(args, sums, done, last, images, forward_flops, device, world):
+    """One log record: the interval's means over the steps and processes (one all_reduce: the loop's only sync),
+    the grad norm over the steps fp16's scaler did not skip, this GPU's images/s, MFU and peak memory. A non-finite
+    record stops the run before any checkpoint of this step."""
+    steps = done - last[0]
+    values = torch.stack([sums[key] for key in LOGGED])
+    if world > 1:
+        dist.all_reduce(values)  # every process has its own losses, and the grad norm DDP made equal
+    record = dict(zip(LOGGED, (values / world).tolist()))  # a sum of `world` equal integers / world: exact
+    record.update({key: record[key] / steps for key in LOSSES})  # the means over the interval
+    record["grad_norm"] /= max(steps - record["skipped"], 1)
+    record.update(reg.speed(steps * images, time.perf_counter() - last[1], 3 * forward_flops, device))
+    reg.check_finite(record, done, args.out)
+    if int(os.environ.get("RANK", 0)) == 0:
+        reg.log(args.out, step=done, **record)
+        print(f"step {done}: " + ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
 
 
 # Command line ---------------------------------------------------------------------------------------------------------
