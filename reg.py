@@ -32,6 +32,7 @@ import math
 import os
 import random
 import signal
+import time
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -999,6 +1000,31 @@ def optimizer_step(model, ema, opt, scaler, clip=1.0, decay=0.9999):
     ema_update(ema, model, decay)
     skipped = torch.isfinite(grad_norm).logical_not() & scaler.is_enabled()  # elsewhere a NaN norm stops the run
     return grad_norm.where(~skipped, 0.0), skipped
+
+
+def log_interval(folder, step, sums, last, images_per_step, flops_per_image, device):
+    """One log record from the running sums since the last one (`last` = its step and time): the mean of each loss
+    over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the loop's only sync),
+    the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak memory of this
+    process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`; -> (step, time)."""
+    steps = step - last[0]
+    keys = sorted(sums)
+    values = torch.stack([sums.pop(k).float() for k in keys])
+    world = 1
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        torch.distributed.all_reduce(values)  # every process has its own losses; DDP made the grad norms equal
+    totals = dict(zip(keys, (values / world).tolist()))
+    skipped = round(totals.pop("skipped", 0))
+    record = {k: v / steps for k, v in totals.items()}
+    record.update(grad_norm=totals.get("grad_norm", 0) / max(steps - skipped, 1), skipped=skipped)
+    now = time.perf_counter()
+    record.update(speed(steps * images_per_step, now - last[1], flops_per_image, device))
+    check_finite(record, step, folder)
+    if int(os.environ.get("RANK", 0)) == 0:
+        log(folder, step=step, **record)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()), flush=True)
+    return step, now
 
 
 LOCKS = {}  # this process's run-folder locks: a process may re-enter its own folder (tests, --compare)

@@ -256,7 +256,7 @@ def train(args):
             if step == started[0] + FORECAST_STEP:
                 forecast(args, step - started[0], time.perf_counter() - started[1], device)
             if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
-                logged = log_interval(args, out, sums, step, logged, flops_per_image, device)
+                logged = reg.log_interval(out, step, sums, logged, args.batch_size, flops_per_image, device)
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                 save_samples(args, ema, data, out, step)
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
@@ -304,21 +304,6 @@ def forecast(args, steps, seconds, device):
     print(f"{seconds / steps:.2f} s a step: the {args.steps} steps take about {hours:.1f} h on this {device.type}")
     if device.type == "cpu" and hours > 1:
         print(f"on a CPU, the CPU recipe learns within minutes: {CPU_RECIPE}")
-
-
-def log_interval(args, out, sums, step, logged, flops_per_image, device):
-    """Log the interval's mean losses and grad norm (the fraction of fp16 steps GradScaler skipped as `skipped`, their
-    norm as 0) with images/s, MFU and peak memory; stop on a non-finite value. Every checkpoint step is a log step, so
-    a NaN is never saved. -> the new (step, time)."""
-    steps = step - logged[0]
-    record = {k: round(float(v) / steps, 6) for k, v in sums.items()}  # the host sync
-    reg.check_finite(record, step, out)
-    now = time.perf_counter()
-    record.update(reg.speed(steps * args.batch_size, now - logged[1], flops_per_image, device))
-    reg.log(out, step=step, **record)
-    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
-    sums.clear()
-    return step, now
 
 
 # Samples, evaluation and the diagnostics ------------------------------------------------------------------------------

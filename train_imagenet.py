@@ -270,9 +270,9 @@ def train(args):
             done = step + 1
             save = done % args.ckpt_every == 0 or done == args.steps or stopping.item() > 0
             if save or done % args.log_every == 0:
-                log_interval(args, sums, done, last, micro * accum, reg.model_flops(model.cfg), device, world)
+                flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (not the frozen encoder)
+                last = reg.log_interval(args.out, done, sums, last, micro * accum, flops_per_image, device)
                 sums = {key: torch.zeros((), device=device) for key in LOGGED}
-                last = (done, time.perf_counter())
             if vae is not None and done % args.sample_every == 0:
                 sample_grid(ema, vae, os.path.join(args.out, f"samples_{done:07d}.png"))
             if save and rank == 0:
@@ -297,24 +297,6 @@ def build(args, latent, num_classes, device):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     return encoder, model, ema, opt, scaler
-
-
-def log_interval(args, sums, done, last, images, forward_flops, device, world):
-    """One log record: the interval's means over the steps and processes (one all_reduce: the loop's only sync),
-    the grad norm over the steps fp16's scaler did not skip, this GPU's images/s, MFU and peak memory. A non-finite
-    record stops the run before any checkpoint of this step."""
-    steps = done - last[0]
-    values = torch.stack([sums[key] for key in LOGGED])
-    if world > 1:
-        dist.all_reduce(values)  # every process has its own losses, and the grad norm DDP made equal
-    record = dict(zip(LOGGED, (values / world).tolist()))  # a sum of `world` equal integers / world: exact
-    record.update({key: record[key] / steps for key in LOSSES})  # the means over the interval
-    record["grad_norm"] /= max(steps - record["skipped"], 1)
-    record.update(reg.speed(steps * images, time.perf_counter() - last[1], 3 * forward_flops, device))
-    reg.check_finite(record, done, args.out)
-    if int(os.environ.get("RANK", 0)) == 0:
-        reg.log(args.out, step=done, **record)
-        print(f"step {done}: " + ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
 
 
 # Command line ---------------------------------------------------------------------------------------------------------
