@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -500,3 +501,26 @@ def test_forecast_points_a_cpu_user_to_the_cpu_recipe(capsys):
     train_cifar.forecast(settings, 5, 30.0, torch.device("cpu"))  # 6 s a step
     out = capsys.readouterr().out
     assert "the 40000 steps take about 66.7 h on this cpu" in out and "SiT-Ti/4" in out
+
+
+def test_kill_9_then_the_same_command_continues_exactly(data, tmp_path):
+    """A kill -9 (no handler runs) mid-run: the checkpoints on disk are whole (written atomically), and running the
+    same command again continues from the newest to the same weights as an uninterrupted run."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    flags = ["--steps", "8", "--ckpt-every", "2"]
+    train_cifar.main(args(data, whole, *flags))
+    argv = [str(a) for a in ["--data-dir", data, "--out", killed, "--model", "SiT-Ti/2", "--batch-size", "4",
+                             "--log-every", "1", "--sample-every", "0", "--device", DEVICE, "--holdout", "0", *ENC,
+                             "--steps", "1000", "--ckpt-every", "2"]]  # fmt: skip
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # as this process: the same float sums
+    runner = subprocess.Popen([sys.executable, "train_cifar.py", *argv], cwd=Path(__file__).parent.parent,
+                              env=one_thread, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while not (killed / "0000004.pt").exists() and runner.poll() is None:
+            time.sleep(0.05)
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+    train_cifar.main(args(data, killed, *flags))  # resumed from 0000004.pt or later, whatever was whole
+    a, b = reg.load_checkpoint(str(whole / "0000008.pt")), reg.load_checkpoint(str(killed / "0000008.pt"))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
