@@ -514,14 +514,10 @@ def sample_time(n, weighting="uniform", path="linear", device="cpu"):
 
 
 def unwrap(model):
-    """The SiT inside DDP and torch.compile wrappers (DDP(compile(model)) too)."""
-    while True:
-        inner = getattr(model, "module", None)  # DDP
-        if inner is None:
-            inner = getattr(model, "_orig_mod", None)  # torch.compile
-        if inner is None:
-            return model
-        model = inner
+    """The SiT inside DDP and torch.compile wrappers, in either order."""
+    for wrapper in ("module", "_orig_mod", "module"):  # DDP keeps it as .module, torch.compile as ._orig_mod
+        model = getattr(model, wrapper, model)
+    return model
 
 
 def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighting="uniform", label_dropout=0.1,
@@ -765,8 +761,7 @@ def config_from_dict(stored):
     unknown = sorted(set(stored) - known)
     missing = sorted(known - set(stored) - {"token_dim"})
     if unknown or missing:
-        raise ValueError(f"the stored config has unknown fields {unknown} and lacks {missing}: it comes from another "
-                         "version of reg.py; build SiTConfig(...) yourself and use load_weights")  # fmt: skip
+        raise ValueError(f"a stored config with unknown fields {unknown}, lacking {missing}: build SiTConfig yourself")
     return SiTConfig(**stored)
 
 
@@ -787,23 +782,25 @@ def rename_to_official(key):
     return rename_official(key, {new: old for old, new in OFFICIAL_NAMES.items()})
 
 
-def check_state_dict(sd):
-    """Refuse what is not a state dict, naming the fix (a whole checkpoint: take its ['ema'])."""
+def our_names(sd):
+    """A state dict (ours, the release's, DDP's or torch.compile's) under our names; what is not one is refused in
+    words (a whole checkpoint: take its ['ema'])."""
     if not isinstance(sd, dict):
         raise TypeError(f"expected a state dict (a dict of tensors), got {type(sd).__name__}")
     inner = [k for k in ("ema", "model") if isinstance(sd.get(k), dict)]
     if inner:
         raise ValueError(f"this is a whole checkpoint (keys {sorted(map(str, sd))[:6]}): pass its [{inner[0]!r}]")
+    sd = {rename_official(k.removeprefix("module.").removeprefix("_orig_mod.")): v for k, v in sd.items()}
     if not torch.is_tensor(sd.get("x_embedder.proj.weight")):
         raise ValueError(f"not a SiT state dict (no x_embedder.proj.weight among {len(sd)} keys): pass a SiT's weights")
+    return sd
 
 
 def config_from_state_dict(sd):
     """Read a SiTConfig off a state dict (ours or the release's): widths, depth, patch, grid, classes, token parts.
     Heads and the REPA block are not stored: they come from the preset of the same depth, width and patch; with no
     such preset this is an error (a guessed head count would compute another function)."""
-    sd = {rename_official(k.removeprefix("module.").removeprefix("_orig_mod.")): v for k, v in sd.items()}
-    check_state_dict(sd)
+    sd = our_names(sd)
     D, C, p, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     if "token_embedder.weight" in sd:
@@ -839,9 +836,7 @@ def config_from_state_dict(sd):
 
 def load_weights(model, sd):
     """Load our or the release's state dict strictly; a mismatch raises a ValueError that says what differs."""
-    check_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-                     if isinstance(sd, dict) else sd)  # fmt: skip
-    sd = {rename_official(k.removeprefix("module.").removeprefix("_orig_mod.")): v for k, v in sd.items()}
+    sd = our_names(sd)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -849,13 +844,9 @@ def load_weights(model, sd):
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in common
               if sd[k].shape != own[k].shape]  # fmt: skip
     if missing or unexpected or shapes:
-        problems = ""
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if keys:
-                more = " ..." if len(keys) > 6 else ""
-                problems += f"\n  {what} ({len(keys)}): {', '.join(keys[:6])}{more}"
-        raise ValueError(f"checkpoint does not fit the model:{problems}\nbuild the model from the file's config "
-                         "(load_model), or pass the checkpoint of this model")  # fmt: skip
+        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        problems = "".join(f"\n  {what} ({len(keys)}): {', '.join(keys[:6])}" for what, keys in found if keys)
+        raise ValueError(f"checkpoint does not fit the model:{problems}\nload it with load_model (its own config)")
     on_meta = next(model.parameters()).is_meta  # a model built on 'meta' takes the tensors without a copy
     model.load_state_dict(sd, strict=True, assign=on_meta)
     return model

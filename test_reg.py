@@ -988,7 +988,7 @@ def test_checkpoints_from_before_the_rename_still_load_and_resume(tmp_path):
         reg.config_from_dict(dict(old, future_field=1))
     no_heads = dict(old)
     del no_heads["num_heads"]
-    with pytest.raises(ValueError, match=r"lacks \['num_heads'\]"):  # never a guessed head count
+    with pytest.raises(ValueError, match=r"lacking \[.num_heads.\]"):  # never a guessed head count
         reg.config_from_dict(no_heads)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     reg.save_checkpoint(str(tmp_path / "0000001.pt"), dict(model=m.state_dict(), ema=ema.state_dict(),

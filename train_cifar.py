@@ -40,6 +40,7 @@ CPU_RECIPE = "--model SiT-Ti/4 --limit 1000 --batch-size 32 --lr 1e-3 --ema 0.99
 BINS = 10  # t bins of the held-out loss (minRF's diagnostic)
 STRIP_FRAMES = 8  # clean-image estimates per sampling strip, from t = 1 to the end
 PER_ROW = 8  # samples per class row of a grid
+SAMPLE_STEPS = 50  # Euler steps of the grids and FD samples, no guidance (sample.py has the paper's SDE and CFG)
 FORECAST_STEP = 5  # after this many steps, say how long the whole run takes here
 KEEP = 3  # checkpoints kept, the newest
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -332,7 +333,7 @@ def generate(args, ema, x, y, cls, trace=None):
     with torch.random.fork_rng(devices=devices), reg.autocast(x.device, args.precision):
         torch.manual_seed(args.seed)
         token = cls if ema.entangled else None
-        images, tokens = reg.sample(ema, x, y, token, steps=args.sample_steps, mode=args.sampler, trace=trace)
+        images, tokens = reg.sample(ema, x, y, token, steps=SAMPLE_STEPS, mode="euler", trace=trace)
     return images.float().clamp(-1, 1), tokens
 
 
@@ -407,11 +408,6 @@ def compare(args):
 # Command line: every number is checked when parsed, with its allowed range in the error ------------------------------
 
 
-def seed_list(text):
-    """argparse type: comma-separated seeds >= 0, e.g. 0,1."""
-    return [reg.nonneg_int(s) for s in text.split(",")]
-
-
 def parser():
     """Every setting, its default and where the default comes from."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -442,15 +438,13 @@ def parser():
     a("--log-every", type=reg.positive_int, default=100, help="steps per record (means, images/s, MFU, memory); 100")
     a("--ckpt-every", type=reg.positive_int, default=5000, help="steps per checkpoint (also at the end and on stops)")
     a("--sample-every", type=reg.nonneg_int, default=2500, help="steps per EMA grid and sampling strip; 0 = off")
-    a("--sampler", default="euler", choices=["euler", "heun", "sde"], help="default euler (fast; the paper's: sde)")
-    a("--sample-steps", type=reg.positive_int, default=50, help="sampler steps, no guidance (sample.py has it); 50")
     a("--eval-every", type=reg.nonneg_int, default=0, help="steps per evaluation (FD, t bins, token); default 0 = off")
     a("--eval-n", type=reg.positive_int, default=5000, help="EMA samples per FD evaluation (>= 4); default 5000")
     a("--fd-encoder", default="dinov2-l", help="the FD feature space; default dinov2-l (FD_DINOv2, Stein et al. 2023)")
     a("--fd-encoder-weights", default=None, help="a local weights file for --fd-encoder; default: the hub")
     a("--compare", action="store_true", help="train sit, repa and reg in turn with the same settings and draw "
       f"compare.png; its defaults: {COMPARE_DEFAULTS} (any flag given wins)")  # fmt: skip
-    a("--seeds", type=seed_list, default=None, help="--compare: seeds to run each method with, e.g. 0,1")
+    a("--seeds", type=reg.nonneg_int, nargs="+", help="--compare: seeds to run each method with, e.g. 0 1")
     return p
 
 
@@ -466,8 +460,6 @@ def parse_args(argv=None):
         p.error(f"--micro-batch {args.micro_batch} must divide --batch-size {args.batch_size}")
     if args.eval_every and (args.eval_n < 4 or args.holdout < 1):
         p.error("--eval-every needs --eval-n >= 4 (FD of each half too) and --holdout >= 1 (the loss per t bin)")
-    if args.compare and not args.eval_every:
-        p.error("--compare compares evaluations: give --eval-every >= 1")
     if args.seeds and not args.compare:
         p.error("--seeds is for --compare; a single run takes --seed")
     return args
