@@ -867,9 +867,7 @@ def load_checkpoint(path):
             config = json.loads(metadata["config"]) if "config" in metadata else None
             return dict(ema=weights, config=config) if config else weights
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(
-                path, map_location="cpu", weights_only=True, mmap=True
-            )  # read lazily: a second look is cheap
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazily: look twice cheaply
     except Exception as e:
         raise ValueError(f"{path} cannot be read ({str(e)[:160]}): it is corrupt: delete it or pass another") from None
 
@@ -1034,9 +1032,7 @@ def lock_folder(folder):
             fcntl.flock(LOCKS[path], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             LOCKS.pop(path).close()
-            raise ValueError(
-                f"another process is writing to {folder}: wait for it to end, or pass another --out"
-            ) from None
+            raise ValueError(f"another process is writing to {folder}: wait for it, or pass another --out") from None
     return LOCKS[path]
 
 
@@ -1080,9 +1076,7 @@ class GracefulStop:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(
-            f"\n{name}: saving a checkpoint after this step (continue with --resume); Ctrl-C again aborts", flush=True
-        )
+        print(f"\n{name}: saving a checkpoint after this step (rerun to continue); Ctrl-C again aborts", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

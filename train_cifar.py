@@ -166,8 +166,9 @@ def open_cache(args, data, key):
             build_cache(tmp, data, args.batch_size)
             os.replace(tmp, path)
         except KeyboardInterrupt:
-            raise ValueError("interrupted while building the feature cache; the partial file was removed: run "
-                             "again to build it") from None  # fmt: skip
+            raise ValueError(
+                "interrupted building the feature cache; the partial file was removed: run again"
+            ) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
             if os.path.exists(tmp):
