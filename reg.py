@@ -916,13 +916,14 @@ def save_model(path, model):
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint; a full disk or a
     read-only folder is an error in words, and the temporary file is removed."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # this process's: two writers of one file never share a temporary file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise ValueError(f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder; "
                          "the files written before are intact") from None  # fmt: skip
 

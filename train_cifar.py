@@ -14,6 +14,7 @@ Every log record carries the losses, images/s, MFU (GPU) and peak memory: `--ste
 
 import argparse
 import copy
+import functools
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -62,25 +63,23 @@ class Data:
 
 
 def read_folder(d):
-    """An ImageFolder (one folder of same-size images per class) -> uint8 (n, H, W, 3), labels, class names."""
-    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
-    loose = [e.name for e in os.scandir(d) if e.name.lower().endswith(IMAGE_SUFFIXES)]
-    if loose or not classes:
-        raise ValueError(f"--data-dir {d} holds {len(loose)} images but no class folders: put the images in one "
-                         "folder per class (a single folder for unconditional training)")  # fmt: skip
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(d, name)) if f.lower().endswith(IMAGE_SUFFIXES))
-        paths += [os.path.join(d, name, f) for f in files]
-        labels += [label] * len(files)
-    if not paths:
-        raise ValueError(f"no images in the class folders of {d}: point --data-dir at the folder that holds the class "
-                         "folders (for the CIFAR archive: its train folder)")  # fmt: skip
-    arrays = [reg.read_image(path) for path in tqdm(paths, desc="reading images", disable=len(paths) < 5000)]
-    sizes = {a.shape for a in arrays}
+    """An ImageFolder (one folder of same-size images per class, directly inside) -> uint8 (n, H, W, 3), labels and
+    class names; unreadable files are named (reg.read_image)."""
+    try:
+        folder = ImageFolder(d, loader=reg.read_image, is_valid_file=functools.partial(in_a_class_folder, d))
+    except FileNotFoundError as e:  # no class folders, or none with images directly inside
+        raise ValueError(f"--data-dir {d}: {e} Put the images in one folder per class, directly inside it") from None
+    arrays = [image for image, _ in tqdm(folder, desc="reading images", disable=len(folder) < 5000)]
+    sizes = sorted({a.shape for a in arrays})
     if len(sizes) != 1:
-        raise ValueError(f"--data-dir {d}: images of several sizes {sorted(sizes)[:3]}: resize them to one size")
-    return np.stack(arrays), labels, classes
+        raise ValueError(f"--data-dir {d}: images of several sizes {sizes[:3]}: resize them to one size")
+    return np.stack(arrays), folder.targets, folder.classes
+
+
+def in_a_class_folder(root, path):
+    """An image directly in a class folder of root: deeper ones (an archive one level too high) would merge classes."""
+    class_parent = os.path.normpath(os.path.dirname(os.path.dirname(path)))
+    return path.lower().endswith(IMAGE_SUFFIXES) and class_parent == os.path.normpath(root)
 
 
 def load_data(args, device):

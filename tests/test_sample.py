@@ -23,6 +23,8 @@ import sample
 ENC = "test_vit"  # timm's tiny test ViT (64-d), random weights
 GENERATE = sample.generate  # the real one, while a stand-in is patched in
 
+DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
+
 
 def tiny(method="reg", seed=0, perturb=True, **overrides):
     """A tiny model on 8x8 RGB, 4 classes, a 64-d token. perturb: adaLN-Zero starts at v = 0; perturb the zeroed
@@ -52,7 +54,7 @@ def ckpt(tmp_path_factory):
 def run(ckpt, out, *flags):
     """sample.py with 3 steps, batches of 3, on the CPU; out None: the default output folder."""
     where = [] if out is None else ["--out", str(out)]
-    argv = [str(ckpt), *where, "--sample-steps", "3", "--batch-size", "3", "--device", "cpu", *map(str, flags)]
+    argv = [str(ckpt), *where, "--sample-steps", "3", "--batch-size", "3", "--device", DEVICE, *map(str, flags)]
     return sample.main(sample.parse_args(argv))
 
 

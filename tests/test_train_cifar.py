@@ -425,7 +425,7 @@ def test_bad_input_gives_clear_errors(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="several sizes.*16, 16"):
         train_cifar.main(args(mixed, tmp_path / "r2", "--steps", "1"))
     make_folder(tmp_path / "split" / "train")  # the CIFAR tarball's layout, one level too high
-    with pytest.raises(SystemExit, match="no images in the class folders of .*split: point --data-dir"):
+    with pytest.raises(SystemExit, match="split: Found no valid file for the classes train.*one folder per class"):
         train_cifar.main(args(tmp_path / "split", tmp_path / "r6", "--steps", "1"))
     broken = make_folder(tmp_path / "broken")
     (broken / "class1" / "3.png").write_bytes(b"not a png")
@@ -482,12 +482,15 @@ def test_two_trainers_on_one_folder_are_refused(data, tmp_path):
     train_cifar.main(args(data, out, "--steps", "1"))  # the lock ends with its process, kill -9 included
 
 
-def test_images_are_read_by_content(tmp_path):
+def test_images_are_read_by_content(tmp_path, monkeypatch):
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "0.png")
-    with pytest.raises(SystemExit, match="no class folders: put the images in one folder per class"):
+    with pytest.raises(SystemExit, match="any class folder.*Put the images in one folder per class"):
         train_cifar.main(args(flat, tmp_path / "r1", "--steps", "1"))
+    make_folder(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    train_cifar.main(args("./tiny", tmp_path / "r0", "--steps", "1"))  # a relative path is a folder like any other
     deep = make_folder(tmp_path / "deep")
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(deep / "class0" / "0.png")  # 16-bit grey, half bright
     assert reg.read_image(str(deep / "class0" / "0.png")).tolist() == np.full((8, 8, 3), 128).tolist()

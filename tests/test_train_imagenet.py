@@ -25,7 +25,8 @@ import train_imagenet as ti  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:the REG token is 384 wide")  # SiT-Ti is narrower than DINOv2-S
 ENCODER = "vit_small_patch14_dinov2.lvd142m"
-TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", "cpu",
+DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda: training and DDP (NCCL) on GPUs
+TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", DEVICE,
         "--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]  # fmt: skip
 
 
@@ -292,9 +293,13 @@ def two_processes(argv, sigterm_rank=-1):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # forked, not spawned: the children skip importing torch and timm, and share the built encoder
+    if DEVICE.startswith("cuda") and torch.cuda.device_count() < 2:
+        pytest.skip("DDP on GPUs needs two of them")
+    argv = [a if a != DEVICE else DEVICE.split(":")[0] for a in argv]  # each process takes cuda:LOCAL_RANK
+    # on the CPU forked, not spawned: the children skip importing torch and timm; CUDA cannot be forked once started
+    start = "spawn" if DEVICE.startswith("cuda") else "fork"
     context = torch.multiprocessing.start_processes(ddp_worker, (port, argv, sigterm_rank), nprocs=2, join=False,
-                                                    start_method="fork")  # fmt: skip
+                                                    start_method=start)  # fmt: skip
     deadline = time.monotonic() + 120
     while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # False until both have ended
         if time.monotonic() > deadline:
