@@ -174,9 +174,7 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(cond)[:, None].chunk(2, dim=-1)  # 2 x (B, 1, D)
         h = modulate(self.norm_final(h), shift, scale)  # (B, N, D)
         v_patches = self.linear(h[:, self.token_slots :])  # (B, T, p*p*C)
-        v_cls = None
-        if self.linear_cls is not None:  # [REG]
-            v_cls = self.linear_cls(h[:, 0])  # [REG] (B, E)
+        v_cls = self.linear_cls(h[:, 0]) if self.linear_cls is not None else None  # [REG] (B, E) from the token slot
         return v_patches, v_cls
 
 
@@ -256,13 +254,8 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         if cfg.repa:  # [REPA]
             P = cfg.projector_dim  # [REPA]
-            self.projector = nn.Sequential(  # [REPA] h_phi: D -> P -> P -> E
-                nn.Linear(D, P),  # [REPA]
-                nn.SiLU(),  # [REPA]
-                nn.Linear(P, P),  # [REPA]
-                nn.SiLU(),  # [REPA]
-                nn.Linear(P, E),  # [REPA]
-            )  # [REPA]
+            mlp = [nn.Linear(D, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(), nn.Linear(P, E)]  # [REPA] D -> P -> P -> E
+            self.projector = nn.Sequential(*mlp)  # [REPA] h_phi
         if cfg.entangled and cfg.token_dim:  # [REG] ours: the token on its top-K principal directions
             self.register_buffer("token_mean", torch.zeros(E))  # [REG] (E,) set by set_token_basis
             self.register_buffer("token_basis", torch.zeros(E, cfg.token_dim))  # [REG] (E, K) orthonormal columns
