@@ -1023,6 +1023,16 @@ def test_copy_reg_py_round_trip(tmp_path):
         assert back.cfg == ema.cfg and torch.equal(again, samples)
 
 
+def test_the_readmes_copy_paragraph_runs(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    code = readme.split("## Copy `reg.py`")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)
+    assert scope["samples"].shape == (4, 3, 16, 16) and scope["tokens"].shape == (4, 64)
+    assert scope["ema"].cfg == scope["model"].cfg and (tmp_path / "ema.safetensors").is_file()
+
+
 def test_sampler_refuses_a_model_that_returns_a_bare_tensor():
     def bare(x, t, y, cls):
         return torch.zeros_like(x)
