@@ -270,10 +270,6 @@ class SiT(nn.Module):
                 stacklevel=2,
             )
 
-    @property
-    def entangled(self):
-        return self.cfg.entangled
-
     def token_of(self, feats):  # [REG]
         """The token this model denoises (B, K or E): token_target, on the top-K directions when token_dim is set."""
         return self.project_token(token_target(self.cfg, feats))  # [REG]

@@ -80,7 +80,7 @@ def generate(model, vae, encoder, indices, args, device):
     (model.token_of: the encoder's class token or patch mean, projected when the model has a token_dim).
     Sample i's generator draws its start image, then its start token, then its SDE noise step by step."""
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
-    width = model.cfg.token_width if model.entangled else 0  # [REG] reg.sample: a token of width 0 stands for none
+    width = model.cfg.token_width if model.cfg.entangled else 0  # [REG] reg.sample: a token of width 0 stands for none
     interval = (args.guidance_low, args.guidance_high)
     sampling = (args.sample_steps, args.sampler, args.cfg_scale, args.cls_cfg_scale, interval)
     images = []

@@ -201,10 +201,10 @@ def test_qk_norm_changes_the_output_and_keeps_zero_init():
 def test_fresh_model_predicts_exactly_zero(method):
     m = tiny(method).eval()
     x, t, y, cls, _ = inputs(m)
-    v, v_cls, _ = m(x, t, y, cls if m.entangled else None)
+    v, v_cls, _ = m(x, t, y, cls if m.cfg.entangled else None)
     assert torch.all(v == 0)
-    assert (v_cls is None) == (not m.entangled)
-    if m.entangled:
+    assert (v_cls is None) == (not m.cfg.entangled)
+    if m.cfg.entangled:
         assert torch.all(v_cls == 0)
 
 
@@ -375,7 +375,7 @@ def test_every_method_trains_one_step(method):
     x, _, y, _, feats = inputs(m)
     out = train_one_step(m, ema, opt, x, y, None if method == "sit" else feats)
     assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0
-    assert (out["align"] != 0) == m.cfg.repa and (out["denoise_cls"] != 0) == m.entangled
+    assert (out["align"] != 0) == m.cfg.repa and (out["denoise_cls"] != 0) == m.cfg.entangled
 
 
 def test_config_properties_decide_the_token_once():
@@ -793,7 +793,7 @@ def test_flop_count_matches_torch_flop_counter(method):
     model = reg.make_model("SiT-Ti/2", method, input_size=16, in_channels=3, num_classes=10, encoder_dim=96)
     x, t, y, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 96)
     with FlopCounterMode(display=False) as counter:
-        model(x, t, y, c if model.entangled else None)
+        model(x, t, y, c if model.cfg.entangled else None)
     attention = (
         model.cfg.depth * 4 * (64 + int(model.cfg.has_token_slot)) ** 2 * 128
     )  # QK^T and AV: CPU SDPA is not counted by torch

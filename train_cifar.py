@@ -116,7 +116,7 @@ def attach_encoder(args, data):
         data.encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, data.images.device)
     encoder_key = reg.fingerprint(*data.encoder.state_dict().values())
     if args.cache_features:
-        data.cache = open_cache(args, data, reg.fingerprint(data.images, data.labels, encoder_key, grid))
+        data.cache = open_cache(args, data, reg.fingerprint(data.images, encoder_key, grid))  # labels: not features
     return encoder_key
 
 
@@ -154,7 +154,7 @@ def features(data, x, flip, idx):
 
 def open_cache(args, data, key):
     """The encoder's features of every image and its mirror, (2, N + holdout, 1+T, E) float16, in one file named by
-    `key` (the images, labels and the encoder's weights and grid), so it can never serve other data. Built on first
+    `key` (the images and the encoder's weights and grid), so it can never serve other data. Built on first
     use into a temporary file of this process, renamed when whole; Ctrl-C or SIGTERM removes it."""
     path = os.path.join(args.cache_dir or args.data_dir, f"feats-{key}.npy")
     if not os.path.isfile(path):
@@ -282,7 +282,7 @@ def build(args, data, device):
     overrides = dict(input_size=data.images.shape[-1], in_channels=3, num_classes=len(data.classes),
                      encoder_dim=data.encoder.dim if data.encoder else 768, token_dim=args.token_dim)  # fmt: skip
     model = reg.make_model(args.model, args.method, **overrides).to(device)
-    if model.entangled and args.token_dim:  # ours: the token on its top principal directions
+    if model.cfg.entangled and args.token_dim:  # ours: the token on its top principal directions
         model.set_token_basis(training_tokens(data, model.cfg))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     cuda = device.type == "cuda"
@@ -320,7 +320,7 @@ def make_judge(args, data, ema):
     training = data.images[: data.n_train]
     reference = reg.fd_stats(fd_encoder, training, args.batch_size, args.cache_dir or args.data_dir)
     centroids = None
-    if ema.entangled:
+    if ema.cfg.entangled:
         tokens = ema.project_token(training_tokens(data, ema.cfg))  # (N, K)
         centroids = reg.class_centroids(tokens, data.labels[: data.n_train], len(data.classes))
     return fd_encoder, reference, centroids
@@ -332,7 +332,7 @@ def generate(args, ema, x, y, cls, trace=None):
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), reg.autocast(x.device, args.precision):
         torch.manual_seed(args.seed)
-        token = cls if ema.entangled else None
+        token = cls if ema.cfg.entangled else None
         images, tokens = reg.sample(ema, x, y, token, steps=SAMPLE_STEPS, mode="euler", trace=trace)
     return images.float().clamp(-1, 1), tokens
 
@@ -377,7 +377,7 @@ def evaluate(args, ema, data, judge, out, step):
     record = dict(step=step, bin_t=bins["t"], bin_denoise=bins["denoise"], bin_denoise_cls=bins["denoise_cls"])
     for name, part in (("fd", feats), ("fd_a", feats[:half]), ("fd_b", feats[half:])):
         record[name] = round(reg.frechet_distance((part.mean(0), torch.cov(part.T)), reference), 4)
-    if ema.entangled:
+    if ema.cfg.entangled:
         tokens = torch.cat([p[1] for p in parts]).float()
         record.update(reg.token_landing(tokens, y, centroids))
         real = torch.cat([ema.token_of(data.encoder(part)) for part in images.split(args.batch_size)])
