@@ -18,6 +18,7 @@ from PIL import Image
 
 import reg
 import train_cifar
+from tests.conftest import lock_held_elsewhere
 
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
 ENC = ["--encoder", "vit_small_patch14_dinov2.lvd142m", "--encoder-weights", "random"]
@@ -469,16 +470,9 @@ def test_token_dim_projects_the_token_and_resumes_with_the_same_directions(data,
 
 def test_two_trainers_on_one_folder_are_refused(data, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"import reg, time; held = reg.lock_folder({str(out)!r}); "
-                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
-                              cwd=Path(__file__).parent.parent, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out):
         with pytest.raises(SystemExit, match="another process is writing to"):
             train_cifar.main(args(data, out, "--steps", "1"))
-    finally:
-        holder.kill()
-        holder.wait()
     train_cifar.main(args(data, out, "--steps", "1"))  # the lock ends with its process, kill -9 included
 
 

@@ -8,10 +8,7 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for the hub
 diffusers = pytest.importorskip("diffusers")
 import reg  # noqa: E402
 import train_imagenet as ti  # noqa: E402
+from tests.conftest import lock_held_elsewhere  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:the REG token is 384 wide")  # SiT-Ti is narrower than DINOv2-S
 ENCODER = "vit_small_patch14_dinov2.lvd142m"
@@ -444,14 +442,7 @@ def test_plain_sit_never_loads_an_encoder(root, tmp_path, monkeypatch):
 
 
 def test_two_trainers_on_one_folder_are_refused(root, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"import reg, time; held = reg.lock_folder({str(tmp_path)!r}); "
-                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
-                              cwd=Path(__file__).parent.parent, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(tmp_path):
         with pytest.raises(SystemExit, match="another process is writing"):
             train(root / "prep", tmp_path, "--steps", "1")
-    finally:
-        holder.kill()
-        holder.wait()
     train(root / "prep", tmp_path, "--steps", "1")  # the lock ends with its process
