@@ -309,7 +309,7 @@ class SiT(nn.Module):
         """x (B, C, H, W), t (B,), y (B,), cls (B, E) the noised token -> (v (B, C, H, W), v_cls (B, E), z_hat (B, N, E)).
         v_cls is None without an entangled token; z_hat is None outside training or without REPA."""
         cfg = self.cfg
-        check_inputs(cfg, x, t, y, cls)
+        check_inputs(cfg, x, y, cls)
         B = x.shape[0]
         h = self.x_embedder(x)  # (B, T, D)
         if cfg.entangled:  # [REG]
@@ -343,14 +343,12 @@ def check_config(cfg):
         raise ValueError(f"encoder_depth {cfg.encoder_depth} must lie in 1..depth ({cfg.depth})")
 
 
-def check_inputs(cfg, x, t, y, cls):
+def check_inputs(cfg, x, y, cls):
     """Refuse inputs of the wrong shape, and labels out of range, before they reach a layer (whose error would not name
     the cause). The label check reads y only where it lives on the CPU: on a GPU it would wait for the queue."""
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if tuple(x.shape[1:]) != expected:
         raise ValueError(f"the model takes (B, C, H, W) = (B, *{expected}), got {tuple(x.shape)}: resize or rebuild")
-    if tuple(t.shape) != (x.shape[0],) or tuple(y.shape) != (x.shape[0],):
-        raise ValueError(f"t and y must be (B,) = ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
     if y.device.type == "cpu" and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= cfg.num_classes:
         raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1} ({cfg.num_classes} = the null label of CFG), "
                          f"got {int(y.min())}..{int(y.max())}: build the model with num_classes to match the data")  # fmt: skip
@@ -711,23 +709,15 @@ def sample(model, x, y=None, cls=None, steps=250, mode="sde", cfg_scale=1.0, cls
 # 7. Presets and checkpoints (the official release's layout, and our own weights_only files) ---------------------------
 
 # DiT's sizes with SiT's names; Ti (tiny) is ours, for CPU work. encoder_depth: REPA's block, 4 for S/B, 8 for L/XL.
-PRESETS = {
-    "SiT-Ti/2": dict(depth=4, hidden_size=128, num_heads=2, patch_size=2, encoder_depth=2, projector_dim=256),
-    "SiT-Ti/4": dict(depth=4, hidden_size=128, num_heads=2, patch_size=4, encoder_depth=2, projector_dim=256),
-    "SiT-Ti/8": dict(depth=4, hidden_size=128, num_heads=2, patch_size=8, encoder_depth=2, projector_dim=256),
-    "SiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, encoder_depth=4, projector_dim=2048),
-    "SiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4, encoder_depth=4, projector_dim=2048),
-    "SiT-S/8": dict(depth=12, hidden_size=384, num_heads=6, patch_size=8, encoder_depth=4, projector_dim=2048),
-    "SiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, encoder_depth=4, projector_dim=2048),
-    "SiT-B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4, encoder_depth=4, projector_dim=2048),
-    "SiT-B/8": dict(depth=12, hidden_size=768, num_heads=12, patch_size=8, encoder_depth=4, projector_dim=2048),
-    "SiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, encoder_depth=8, projector_dim=2048),
-    "SiT-L/4": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4, encoder_depth=8, projector_dim=2048),
-    "SiT-L/8": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8, encoder_depth=8, projector_dim=2048),
-    "SiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8, projector_dim=2048),
-    "SiT-XL/4": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=4, encoder_depth=8, projector_dim=2048),
-    "SiT-XL/8": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=8, encoder_depth=8, projector_dim=2048),
+SIZES = {
+    "Ti": dict(depth=4, hidden_size=128, num_heads=2, encoder_depth=2, projector_dim=256),
+    "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4, projector_dim=2048),
+    "B": dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4, projector_dim=2048),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8, projector_dim=2048),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8, projector_dim=2048),
 }
+# "SiT-B/2": size B on 2 x 2 patches; every size with patches of 2, 4 and 8
+PRESETS = {f"SiT-{size}/{p}": dict(SIZES[size], patch_size=p) for size in SIZES for p in (2, 4, 8)}
 
 
 def make_model(preset="SiT-XL/2", method="reg", **overrides):
@@ -981,6 +971,12 @@ def optimizer_step(model, ema, opt, scaler, clip=1.0, decay=0.9999):
     return grad_norm.where(~skipped, 0.0), skipped
 
 
+def add_to(sums, values, weight):
+    """sums[k] += weight * values[k], on the device (no host sync)."""
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + weight * v.detach().float()
+
+
 def log_interval(folder, step, sums, last, images_per_step, flops_per_image, device):
     """One log record from the running sums since the last one (`last` = its step and time): the mean of each loss
     over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the loop's only sync),
@@ -1006,24 +1002,19 @@ def log_interval(folder, step, sums, last, images_per_step, flops_per_image, dev
     return step, now
 
 
-LOCKS = {}  # this process's run-folder locks: a process may re-enter its own folder (tests, --compare)
-
-
 def lock_folder(folder):
-    """One process per run folder: an exclusive lock on <folder>/lock, held until the process ends (the kernel frees
-    it on any exit, kill -9 included); another process gets an error that says so."""
+    """One process per run folder: an exclusive lock on <folder>/lock, for a `with` block (the kernel frees it on any
+    exit, kill -9 included); another process gets an error that says so."""
     import fcntl  # Unix; Part B only, so Part A copies anywhere
 
     os.makedirs(folder, exist_ok=True)
-    path = os.path.realpath(os.path.join(folder, "lock"))
-    if path not in LOCKS or LOCKS[path].closed:  # closed: released by a `with` block
-        LOCKS[path] = open(path, "a")
-        try:
-            fcntl.flock(LOCKS[path], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            LOCKS.pop(path).close()
-            raise ValueError(f"another process is writing to {folder}: wait for it, or pass another --out") from None
-    return LOCKS[path]
+    lock = open(os.path.join(folder, "lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"another process is writing to {folder}: wait for it, or pass another --out") from None
+    return lock
 
 
 def log(folder, **record):
@@ -1065,8 +1056,7 @@ class GracefulStop:
     def handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(f"\n{name}: saving a checkpoint after this step (rerun to continue); Ctrl-C again aborts", flush=True)
+        print("\nstopping: a checkpoint after this step (run again to continue); Ctrl-C again aborts", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -1229,13 +1219,17 @@ def plot_log(logs, png, keys):
         for name, records in runs.items():
             rows = [r for r in records if key in r]
             values = torch.tensor([r[key] for r in rows], dtype=torch.float64).view(len(rows), -1)  # (steps, curves)
-            ax.plot([r["step"] for r in rows], values.numpy(), label=name)
-        ax.set(title=key, xlabel="step", yscale="log")
+            ax.plot([r["step"] for r in rows], values.numpy(), label=name or key)
+            ax.set_yscale("log" if (values > 0).all() else "linear")  # align is negative, plain SiT's token loss 0
+        ax.set(title=key, xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the files the scripts read as images
 
 
 def read_image(path):

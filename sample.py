@@ -154,7 +154,7 @@ def reference_images(ref, size):
         if ref.endswith(".npz"):
             array = np.load(ref)["arr_0"]
         else:
-            files = sorted(f for f in Path(ref).rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+            files = sorted(f for f in Path(ref).rglob("*") if f.suffix.lower() in reg.IMAGE_SUFFIXES)
             array = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files])
     except Exception as e:  # missing, corrupt, empty: whatever numpy, zipfile or PIL call it, the fix is the same
         raise SystemExit(f"sample.py: --fd-ref {ref} cannot be read ({e!r}): pass an .npz or a folder of images")
@@ -216,7 +216,7 @@ def main(args):
 def run(args):
     """Load the model, then export it, or sample the grid (default) or the .npz, and score."""
     device = reg.pick_device(args.device)
-    model = reg.load_model(args.ckpt, args.weights).to(device)
+    model = reg.load_model(args.ckpt).to(device)  # the EMA weights, as the paper samples
     if args.export:
         return export(model, args.export)
     cfg = model.cfg
@@ -259,7 +259,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("ckpt", help="train_*.py's NNNNNNN.pt, the official SiT-XL/2+REG release, a state dict, or a .safetensors")
-    a("--weights", default="ema", choices=["ema", "model"], help="which weights (default: ema, as the paper samples)")
     a("--sampler", default="sde", choices=["sde", "euler", "heun"], help="default: sde (Euler-Maruyama, the paper's)")
     a("--sample-steps", type=reg.positive_int, default=250, help="sampler steps (default: 250, the paper's)")
     a("--cfg-scale", type=reg.finite_float, default=1.0, help="CFG scale: 1 conditional, 0 unconditional (default: 1)")

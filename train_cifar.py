@@ -44,7 +44,6 @@ PER_ROW = 8  # samples per class row of a grid
 SAMPLE_STEPS = 50  # Euler steps of the grids and FD samples, no guidance (sample.py has the paper's SDE and CFG)
 FORECAST_STEP = 5  # after this many steps, say how long the whole run takes here
 KEEP = 3  # checkpoints kept, the newest
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclass
@@ -79,7 +78,7 @@ def read_folder(d):
 def in_a_class_folder(root, path):
     """An image directly in a class folder of root: deeper ones (an archive one level too high) would merge classes."""
     class_parent = os.path.normpath(os.path.dirname(os.path.dirname(path)))
-    return path.lower().endswith(IMAGE_SUFFIXES) and class_parent == os.path.normpath(root)
+    return path.lower().endswith(reg.IMAGE_SUFFIXES) and class_parent == os.path.normpath(root)
 
 
 def load_data(args, device):
@@ -217,54 +216,53 @@ def main(args):
 
 def train(args):
     """One run, read top to bottom. -> (run folder, whether Ctrl-C or SIGTERM stopped it)."""
-    # Data and the frozen encoder
     device = reg.pick_device(args.device)
-    ctx = reg.autocast(device, args.precision)
     out = args.out or os.path.join("runs", f"cifar-{args.method}-{args.model.replace('/', '-')}")
-    reg.lock_folder(out)  # one trainer per folder, until this process ends
-    data = load_data(args, device)
-    settings = dict(vars(args), data_key=reg.fingerprint(data.images, data.labels), encoder_key=None)
-    if reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder:
-        settings["encoder_key"] = attach_encoder(args, data)
-    # Model and optimiser
-    model, ema, opt, scaler = build(args, data, device)
-    net = torch.compile(model) if args.compile else model
-    # Resume
-    step = 0
-    if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
-        step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
-    judge = make_judge(args, data, ema) if args.eval_every else None
-    print(f"run {out}: {args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, step {step}")
-    # Train
-    sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
-    logged = (step, time.perf_counter())
-    started = logged
-    weight = args.micro_batch / args.batch_size  # each micro-batch's share of the batch mean
-    flops_per_image = 3 * reg.model_flops(model.cfg)  # forward + backward (2x)
-    with reg.GracefulStop() as stop:
-        while step < args.steps and not stop.requested:
-            x, y, feats = batch_at(step, data, args)
-            for i in range(0, args.batch_size, args.micro_batch):
-                part = slice(i, i + args.micro_batch)
-                part_feats = None if feats is None else (feats[0][part], feats[1][part])
-                with ctx:
-                    losses = reg.reg_loss(net, x[part], y[part], part_feats, beta=args.beta, lam=args.lam)
-                scaler.scale(losses["loss"] * weight).backward()  # gradients add up over the micro-batches
-                add_to(sums, losses, weight)
-            grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, 1.0, args.ema)  # clip, AdamW, EMA
-            add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
-            step += 1
-            if step == started[0] + FORECAST_STEP:
-                forecast(args, step - started[0], time.perf_counter() - started[1], device)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
-                logged = reg.log_interval(out, step, sums, logged, args.batch_size, flops_per_image, device)
-            if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-                save_samples(args, ema, data, out, step)
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                evaluate(args, ema, data, judge, out, step)
-            if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
-                reg.save_training_state(out, step, model, ema, opt, scaler, settings, KEEP)
-    plot_run(out)
+    with reg.lock_folder(out):  # one trainer per folder while the run lasts
+        # Data and the frozen encoder
+        data = load_data(args, device)
+        settings = dict(vars(args), data_key=reg.fingerprint(data.images, data.labels), encoder_key=None)
+        if reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder:
+            settings["encoder_key"] = attach_encoder(args, data)
+        # Model and optimiser
+        model, ema, opt, scaler = build(args, data, device)
+        net = torch.compile(model) if args.compile else model
+        # Resume
+        step = 0
+        if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
+            step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
+        judge = make_judge(args, data, ema) if args.eval_every else None
+        print(f"run {out}: {args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, step {step}")
+        # Train
+        sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
+        logged = (step, time.perf_counter())
+        started = logged
+        weight = args.micro_batch / args.batch_size  # each micro-batch's share of the batch mean
+        flops_per_image = 3 * reg.model_flops(model.cfg)  # forward + backward (2x)
+        with reg.GracefulStop() as stop:
+            while step < args.steps and not stop.requested:
+                x, y, feats = batch_at(step, data, args)
+                for i in range(0, args.batch_size, args.micro_batch):
+                    part = slice(i, i + args.micro_batch)
+                    part_feats = None if feats is None else (feats[0][part], feats[1][part])
+                    with reg.autocast(device, args.precision):
+                        losses = reg.reg_loss(net, x[part], y[part], part_feats, beta=args.beta, lam=args.lam)
+                    scaler.scale(losses["loss"] * weight).backward()  # gradients add up over the micro-batches
+                    reg.add_to(sums, losses, weight)
+                grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, 1.0, args.ema)  # clip, AdamW, EMA
+                reg.add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
+                step += 1
+                if step == started[0] + FORECAST_STEP:
+                    forecast(args, step - started[0], time.perf_counter() - started[1], device)
+                if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
+                    logged = reg.log_interval(out, step, sums, logged, args.batch_size, flops_per_image, device)
+                if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+                    save_samples(args, ema, data, out, step)
+                if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                    evaluate(args, ema, data, judge, out, step)
+                if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
+                    reg.save_training_state(out, step, model, ema, opt, scaler, settings, KEEP)
+        plot_run(out)
     return out, stop.requested
 
 
@@ -291,12 +289,6 @@ def build(args, data, device):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts on GPUs
     torch.backends.cudnn.allow_tf32 = True
     return model, ema, opt, scaler
-
-
-def add_to(sums, values, weight):
-    """sums[k] += weight * values[k], on the device (no host sync)."""
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + weight * v.detach().float()
 
 
 def forecast(args, steps, seconds, device):

@@ -36,13 +36,10 @@ from torchvision.utils import save_image
 
 import reg
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SHARD_KEYS = ("mean", "std", "images", "labels")  # what a shard holds, besides its `source`
-LOSSES = ("loss", "denoise", "denoise_cls", "align")  # the terms of reg.reg_loss
-LOGGED = (*LOSSES, "grad_norm", "skipped")  # summed over each logging interval
 # a resume refuses a change of these, which make the experiment (encoder_key: the encoder's weights, whatever their
 # file or name; data_key: the preparation's sources); the others (lr, clip, precision, micro-batch, ...) may change
-MUST_MATCH = "model method beta lam batch_size seed encoder_key ema flip unconditional data_key".split()
+MUST_MATCH = "model method beta lam batch_size seed encoder_key ema unconditional data_key".split()
 
 
 # Prepare: ImageFolder -> shards of centre crops and SD-VAE posteriors ------------------------------------------------
@@ -79,11 +76,11 @@ def list_images(root, first_classes):
     files = []
     for label, name in enumerate(classes[:first_classes]):
         for file in sorted(os.listdir(os.path.join(root, name))):
-            if file.lower().endswith(EXTENSIONS):
+            if file.lower().endswith(reg.IMAGE_SUFFIXES):
                 stat = os.stat(os.path.join(root, name, file))
                 files.append((f"{name}/{file}", label, stat.st_size, stat.st_mtime_ns))
     if not files:
-        raise ValueError(f"no images ({', '.join(EXTENSIONS)}) in the class folders of {root}")
+        raise ValueError(f"no images ({', '.join(reg.IMAGE_SUFFIXES)}) in the class folders of {root}")
     return classes[:first_classes], files
 
 
@@ -165,7 +162,7 @@ def batch_rows(step, rank, world, n, batch_size, seed):
 
 
 def draw_seed(seed, step, position):
-    """The seed of a micro-batch's random draws (latent, flips, t, noise, dropped labels), from the run's seed, the
+    """The seed of a micro-batch's random draws (latent, t, noise, dropped labels), from the run's seed, the
     step and the micro-batch's position in the global batch: the same draws however the batch is spread over GPUs."""
     return (seed * 1_000_003 + step) * 1_000_003 + position
 
@@ -179,10 +176,6 @@ def get_batch(shards, starts, rows, device, args):
     for s in shard_of_row.unique().tolist():
         parts.append([shards[s][key][rows[shard_of_row == s] - starts[s]] for key in SHARD_KEYS])
     mean, std, images, y = [torch.cat(column).to(device) for column in zip(*parts)]
-    if args.flip:  # ours: the release trains without augmentation; image and posterior flip together
-        flipped = torch.rand(len(y), device=device) < 0.5
-        for tensor in (mean, std, images):
-            tensor[flipped] = tensor[flipped].flip(-1)
     y = torch.zeros_like(y) if args.unconditional else y  # unconditional: one class
     noise = torch.randn(mean.shape, device=device)
     x = (mean.float() + std.float() * noise) * reg.LATENT_SCALE  # (B, 4, h, w), about unit variance
@@ -243,7 +236,7 @@ def train(args):
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # after the resume: copies rank 0's
     vae = reg.load_vae(args.vae or manifest["vae"], device) if args.sample_every and rank == 0 else None
     # Train
-    sums = {key: torch.zeros((), device=device) for key in LOGGED}  # on the device: the loop syncs only at logs
+    sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at logs
     last = (start, time.perf_counter())  # the step and time of the last log record
     with reg.GracefulStop() as stop:
         for step in range(start, args.steps):
@@ -257,11 +250,9 @@ def train(args):
                         feats = encoder(images) if encoder else None  # (B, E), (B, T, E)
                         losses = reg.reg_loss(net, x, y, feats, beta=args.beta, lam=args.lam)
                     scaler.scale(losses["loss"] / accum).backward()
-                for key in LOSSES:
-                    sums[key] += losses[key].detach() / accum
+                reg.add_to(sums, losses, 1 / accum)  # each micro-batch's share of the step's mean
             grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, args.clip, args.ema)  # clip, AdamW, EMA
-            sums["skipped"] += skipped
-            sums["grad_norm"] += grad_norm
+            reg.add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
             # every step, the processes agree whether to stop (SIGTERM reaches them at different steps)
             stopping = torch.tensor([float(stop.requested)])
             if world > 1:
@@ -272,7 +263,6 @@ def train(args):
             if save or done % args.log_every == 0:
                 flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (not the frozen encoder)
                 last = reg.log_interval(args.out, done, sums, last, micro * accum, flops_per_image, device)
-                sums = {key: torch.zeros((), device=device) for key in LOGGED}
             if vae is not None and done % args.sample_every == 0:
                 sample_grid(ema, vae, os.path.join(args.out, f"samples_{done:07d}.png"))
             if save and rank == 0:
@@ -334,7 +324,6 @@ def parser():
     a("--steps", type=reg.positive_int, default=400_000, help="optimiser steps; default 400K (the paper's tables)")
     a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay, every step; default 0.9999 (the paper)")
     a("--clip", type=reg.positive_float, default=1.0, help="gradient-norm clip; default 1.0 (the release)")
-    a("--flip", action="store_true", help="random horizontal flips; default off (the release has none)")
     a("--unconditional", action="store_true", help="every label 0: one class; default off (the paper is conditional)")
     a("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="GPU autocast; default bf16 (release fp16)")
     a("--seed", type=reg.nonneg_int, default=0, help="fixes the init, the data order and every random draw; default 0")

@@ -24,6 +24,7 @@ from tests.conftest import lock_held_elsewhere  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:the REG token is 384 wide")  # SiT-Ti is narrower than DINOv2-S
 ENCODER = "vit_small_patch14_dinov2.lvd142m"
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda: training and DDP (NCCL) on GPUs
+LOGGED = ("loss", "denoise", "denoise_cls", "align", "grad_norm", "skipped")  # what every log record sums
 TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", DEVICE,
         "--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]  # fmt: skip
 
@@ -331,7 +332,7 @@ def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
     assert all(torch.equal(m1[k], m3[k]) and torch.equal(e1[k], e3[k]) for k in m1), "resume is not exact"
     logged = log_records(part)
     assert [r["step"] for r in logged] == [1, 3]
-    for key in ti.LOGGED:
+    for key in LOGGED:
         assert logged[1][key] == pytest.approx((log[1][key] + log[2][key]) / 2, rel=1e-5)
 
 
@@ -402,33 +403,27 @@ def test_fp16_steps_the_scaler_skips_are_counted_not_logged_as_nan(root, tmp_pat
     three = log_records(tmp_path / "three")
     assert [r["skipped"] for r in three] == [1, 0]
     assert three[0]["grad_norm"] == pytest.approx((steps[0]["grad_norm"] + steps[2]["grad_norm"]) / 2, rel=1e-5)
-    assert all(np.isfinite(r[key]) for r in steps + three for key in ti.LOGGED)
+    assert all(np.isfinite(r[key]) for r in steps + three for key in LOGGED)
     state = load(every / "0000006.pt")
     assert state["scaler"]["scale"] == 2.0**119  # halved once
     assert all(torch.equal(state["model"][k], v) for k, v in load(tmp_path / "three" / "0000006.pt")["model"].items())
 
 
-def test_release_default_has_no_flips_and_unconditional_has_one_class(root, tmp_path):
-    """By default a batch holds the stored crops and posteriors as they are (the release); --flip mirrors image and
-    posterior together. --unconditional: every label 0, a model of one class."""
+def test_batches_hold_the_stored_crops_and_unconditional_has_one_class(root, tmp_path):
+    """A batch holds the stored crops and posteriors as they are (the release trains without flips).
+    --unconditional: every label 0, a model of one class."""
     shards, _ = ti.load_prepared(str(root / "prep"))
     starts = torch.tensor([0, 5, 10, 12])
     rows = torch.tensor([11, 0, 7, 3, 5, 9, 1, 10, 2, 8, 4, 6])
     stored = torch.cat([s["images"] for s in shards])
     mean = torch.cat([s["mean"] for s in shards]).float()
     still = [dict(s, std=torch.zeros_like(s["std"])) for s in shards]  # x = the posterior mean, scaled
-    args = ti.parser().parse_args(["train", "--data-dir", "d", *TINY])
-    x, y, images = ti.get_batch(still, starts, rows, torch.device("cpu"), args)
     order = rows.sort().values  # the rows come grouped by shard
-    assert torch.equal(images, stored[order]) and torch.allclose(x, mean[order] * reg.LATENT_SCALE)
-    assert y.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
-    args = ti.parser().parse_args(["train", "--data-dir", "d", *TINY, "--flip", "--unconditional"])
-    x, y, images = ti.get_batch(still, starts, rows, torch.device("cpu"), args)
-    flipped = [not torch.equal(a, b) for a, b in zip(images, stored[order])]
-    assert 0 < sum(flipped) < 12 and y.tolist() == [0] * 12
-    for i, row in enumerate(order.tolist()):
-        image, latent = (stored[row].flip(-1), mean[row].flip(-1)) if flipped[i] else (stored[row], mean[row])
-        assert torch.equal(images[i], image) and torch.allclose(x[i], latent * reg.LATENT_SCALE)
+    for flags, labels in (([], [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]), (["--unconditional"], [0] * 12)):
+        args = ti.parser().parse_args(["train", "--data-dir", "d", *TINY, *flags])
+        x, y, images = ti.get_batch(still, starts, rows, torch.device("cpu"), args)
+        assert torch.equal(images, stored[order]) and torch.allclose(x, mean[order] * reg.LATENT_SCALE)
+        assert y.tolist() == labels
     train(root / "prep", tmp_path, "--steps", "1", "--unconditional")
     state = load(tmp_path / "0000001.pt")
     assert state["config"]["num_classes"] == 1 and state["classes"] == ["unconditional"]
