@@ -61,18 +61,13 @@ class Data:
 # Data -----------------------------------------------------------------------------------------------------------------
 
 
-def read_folder(d):
-    """An ImageFolder (one folder of same-size images per class, directly inside) -> uint8 (n, H, W, 3), labels and
-    class names; unreadable files are named (reg.read_image)."""
+def image_folder(d):
+    """An ImageFolder (one folder of same-size images per class, directly inside), listed; an image is read when
+    indexed, as uint8 (H, W, 3), and an unreadable file is named (reg.read_image)."""
     try:
-        folder = ImageFolder(d, loader=reg.read_image, is_valid_file=functools.partial(in_a_class_folder, d))
+        return ImageFolder(d, loader=reg.read_image, is_valid_file=functools.partial(in_a_class_folder, d))
     except FileNotFoundError as e:  # no class folders, or none with images directly inside
         raise ValueError(f"--data-dir {d}: {e} Put the images in one folder per class, directly inside it") from None
-    arrays = [image for image, _ in tqdm(folder, desc="reading images", disable=len(folder) < 5000)]
-    sizes = sorted({a.shape for a in arrays})
-    if len(sizes) != 1:
-        raise ValueError(f"--data-dir {d}: images of several sizes {sizes[:3]}: resize them to one size")
-    return np.stack(arrays), folder.targets, folder.classes
 
 
 def in_a_class_folder(root, path):
@@ -83,24 +78,29 @@ def in_a_class_folder(root, path):
 
 def load_data(args, device):
     """--data-dir: an ImageFolder, else CIFAR-10 (downloaded there). A fixed random order (seed 0, the same for every
-    --seed) sets --holdout images aside first, then --limit of the rest (0 = all) are the training set."""
+    --seed) sets --holdout images aside first, then --limit of the rest (0 = all) are the training set; only the
+    images kept are read."""
     if os.path.isdir(args.data_dir) and "cifar-10-batches-py" not in os.listdir(args.data_dir):
-        arrays, labels, classes = read_folder(args.data_dir)
+        dataset = image_folder(args.data_dir)
     else:
         try:
-            cifar = CIFAR10(args.data_dir, train=True, download=True)
+            dataset = CIFAR10(args.data_dir, train=True, download=True)
         except Exception as e:
             raise ValueError(f"could not get CIFAR-10 into --data-dir {args.data_dir} ({str(e)[:120]}). Offline? Pass "
                              "an ImageFolder as --data-dir") from None  # fmt: skip
-        arrays, labels, classes = cifar.data, cifar.targets, cifar.classes
-    order = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     train = order[args.holdout :][: args.limit or None]
     if len(train) < max(args.limit, args.batch_size):
-        raise ValueError(f"{len(arrays)} images leave {len(train)} for training after --holdout {args.holdout}, fewer "
+        raise ValueError(f"{len(dataset)} images leave {len(train)} for training after --holdout {args.holdout}, fewer "
                          f"than --limit {args.limit} or --batch-size {args.batch_size}: lower them")  # fmt: skip
-    keep = torch.cat([train.sort().values, order[: args.holdout].sort().values])
-    images = torch.from_numpy(arrays[keep.numpy()]).permute(0, 3, 1, 2).contiguous()  # (N + holdout, 3, H, W)
-    labels = torch.tensor(labels)[keep]
+    keep = torch.cat([train.sort().values, order[: args.holdout].sort().values]).tolist()  # only these are read
+    arrays = [np.asarray(dataset[i][0]) for i in tqdm(keep, desc="reading images", disable=len(keep) < 5000)]
+    sizes = sorted({a.shape for a in arrays})
+    if len(sizes) != 1:
+        raise ValueError(f"--data-dir {args.data_dir}: images of several sizes {sizes[:3]}: resize them to one size")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N + holdout, 3, H, W)
+    labels = torch.tensor(dataset.targets)[keep]
+    classes = dataset.classes
     if args.unconditional:
         labels = torch.zeros_like(labels)
         classes = ["all"]
