@@ -444,7 +444,7 @@ def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--e
         net = timm.create_model(arch, pretrained=weights != "random", pretrained_cfg_overlay=overlay)
     except Exception as e:
         hub = timm.models.get_pretrained_cfg(arch).hf_hub_id or arch
-        fix = f"pass the weights of {arch} as {flag}" if local_file else "Offline?"
+        fix = f"Another model's file? Name that model as the encoder, or get {arch}'s" if local_file else "Offline?"
         raise RuntimeError(
             f"could not load weights for encoder {arch} ({type(e).__name__}: {str(e)[:200]}). {fix}: "
             f"download https://huggingface.co/{hub}/resolve/main/model.safetensors and pass its path "
@@ -835,7 +835,7 @@ def load_checkpoint(path):
     """A checkpoint file's contents: torch.load safely (weights_only; the release's pickled argparse.Namespace is
     allowed as data), or a .safetensors file as dict(ema=weights, config=...) (the config from its metadata)."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+        raise ValueError(f"checkpoint {path!r} does not exist (or is a folder): pass a file, e.g. a run's NNNNNNN.pt")
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -848,7 +848,7 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazily: look twice cheaply
     except Exception as e:
-        raise ValueError(f"{path} cannot be read ({str(e)[:160]}): it is corrupt: delete it or pass another") from None
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}): corrupt? Delete it or pass another") from None
 
 
 def load_model(path, weights="ema"):

@@ -1115,7 +1115,7 @@ def test_encoder_refuses_0_1_images_stays_frozen_and_takes_its_input_size():
 def test_encoder_weights_that_do_not_fit_are_an_error(tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save(dict(weight=torch.zeros(3)), path)
-    with pytest.raises(RuntimeError, match="pass the weights of vit_small_patch14_dinov2"):
+    with pytest.raises(RuntimeError, match="Name that model as the encoder, or get vit_small_patch14_dinov2"):
         reg.load_encoder("dinov2-s", grid=2, weights=path)
 
 

@@ -5,7 +5,7 @@ GPU, about an hour on one H100-class card (an estimate; SiT-B/2 on 32x32 pixels,
     python train_cifar.py --data-dir data/cifar10
 CPU, learning within minutes (tiny model, the encoder run once into a feature cache, a subset, small batches):
     OMP_NUM_THREADS=1 python train_cifar.py --data-dir cifar/train --model SiT-Ti/4 --limit 1000 --batch-size 32 \\
-        --steps 1500 --lr 1e-3 --ema 0.995 --cache-features --token-dim 128 \\
+        --steps 1500 --lr 1e-3 --ema 0.995 --sample-every 500 --cache-features --token-dim 128 \\
         --encoder tf_efficientnet_lite0 --encoder-weights tf_efficientnet_lite0.in1k.safetensors
 What REG adds, in one command (sit, repa and reg with the same model, data, seed and budget):
     python train_cifar.py --compare --data-dir cifar/train --encoder-weights <file> --fd-encoder-weights <file>
@@ -182,7 +182,8 @@ def build_cache(path, data, batch_size):
     grid = data.encoder.grid
     shape = (2, len(data.images), 1 + grid**2, data.encoder.dim)
     store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-    for i in tqdm(range(0, shape[1], batch_size), desc=f"feature cache ({2 * np.prod(shape) / 1e9:.2f} GB)"):
+    size_gb = 2 * np.prod(shape) / 1e9  # both flips, float16
+    for i in tqdm(range(0, shape[1], batch_size), desc=f"feature cache in {os.path.dirname(path)} ({size_gb:.2f} GB)"):
         u8 = data.images[i : i + batch_size]
         for flip in (0, 1):
             cls, patches = data.encoder(to_pixels(u8, torch.full((len(u8),), flip, device=u8.device)))
@@ -253,7 +254,7 @@ def train(args):
                 reg.add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
                 step += 1
                 if step == started[0] + FORECAST_STEP:
-                    forecast(args, step - started[0], time.perf_counter() - started[1], device)
+                    forecast(args, step, started, device)
                 if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                     logged = reg.log_interval(out, step, sums, logged, args.batch_size, flops_per_image, device)
                 if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
@@ -291,10 +292,12 @@ def build(args, data, device):
     return model, ema, opt, scaler
 
 
-def forecast(args, steps, seconds, device):
-    """After the first steps: how long the whole run takes here, and on a CPU with a long way to go, the CPU recipe."""
-    hours = seconds / steps * (args.steps - steps) / 3600
-    print(f"{seconds / steps:.2f} s a step: the {args.steps} steps take about {hours:.1f} h on this {device.type}")
+def forecast(args, step, started, device):
+    """After this process's first steps: how long the steps left take here; on a CPU with hours to go, the CPU recipe.
+    `started` = (step, time) when the loop began."""
+    seconds = (time.perf_counter() - started[1]) / (step - started[0])  # a step
+    hours = seconds * (args.steps - step) / 3600
+    print(f"{seconds:.2f} s a step: the {args.steps - step} steps left take {hours:.1f} h ({hours * 60:.0f} min) here")
     if device.type == "cpu" and hours > 1:
         print(f"on a CPU, the CPU recipe learns within minutes: {CPU_RECIPE}")
 
@@ -428,8 +431,8 @@ def parser():
     a("--seed", type=reg.nonneg_int, default=0, help="seeds the init, the data order and the sample noise; default 0")
     a("--out", help="run folder (rerun to continue it); default runs/cifar-<method>-<model>, or -compare-<model>")
     a("--log-every", type=reg.positive_int, default=100, help="steps per record (means, images/s, MFU, memory); 100")
-    a("--ckpt-every", type=reg.positive_int, default=5000, help="steps per checkpoint (also at the end and on stops)")
-    a("--sample-every", type=reg.nonneg_int, default=2500, help="steps per EMA grid and sampling strip; 0 = off")
+    a("--ckpt-every", type=reg.positive_int, default=5000, help="steps per checkpoint (and at the end, on stops); 5000")
+    a("--sample-every", type=reg.nonneg_int, default=2500, help="steps per EMA grid and sampling strip; 2500, 0 = off")
     a("--eval-every", type=reg.nonneg_int, default=0, help="steps per evaluation (FD, t bins, token); default 0 = off")
     a("--eval-n", type=reg.positive_int, default=5000, help="EMA samples per FD evaluation (>= 4); default 5000")
     a("--fd-encoder", default="dinov2-l", help="the FD feature space; default dinov2-l (FD_DINOv2, Stein et al. 2023)")

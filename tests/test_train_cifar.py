@@ -497,9 +497,9 @@ def test_images_are_read_by_content(tmp_path, monkeypatch):
 
 def test_forecast_points_a_cpu_user_to_the_cpu_recipe(capsys):
     settings = train_cifar.parse_args(["--steps", "40000"])
-    train_cifar.forecast(settings, 5, 30.0, torch.device("cpu"))  # 6 s a step
+    train_cifar.forecast(settings, 105, (100, time.perf_counter() - 30.0), torch.device("cpu"))  # resumed at 100
     out = capsys.readouterr().out
-    assert "the 40000 steps take about 66.7 h on this cpu" in out and "SiT-Ti/4" in out
+    assert "6.00 s a step: the 39895 steps left take 66.5 h (3990 min)" in out and "SiT-Ti/4" in out
 
 
 def test_kill_9_then_the_same_command_continues_exactly(data, tmp_path):
