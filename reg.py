@@ -266,7 +266,7 @@ class SiT(nn.Module):
             warnings.warn(  # [REG]
                 f"the REG token is {cfg.token_width} wide but the model only {D}: at most {D} of its directions pass "
                 "through the model, so its velocity cannot be learned. Use a wider model, a narrower encoder, or "
-                f"token_dim <= {D} (--token-dim: the token on its top principal directions)",
+                f"token_dim <= {D} (train_cifar.py --token-dim: the token on its top principal directions)",
                 stacklevel=2,
             )
 
@@ -402,7 +402,10 @@ class FrozenEncoder(nn.Module):
         if images.dtype == torch.uint8:
             x = images.float() / 255  # (B, 3, H, W) in [0, 1]
         else:
-            check_signed_range(images)
+            low, high = torch.aminmax(images.detach().float())  # a [0, 1] tensor (ToTensor's) would pass, darker
+            if low < -1.01 or high > 1.01 or low >= 0:
+                raise ValueError(f"float images must lie in [-1, 1] (or be uint8), got [{low:.3g}, {high:.3g}]: for "
+                                 "ToTensor's [0, 1] pass images * 2 - 1")  # fmt: skip
             x = (images.float() + 1) / 2
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
@@ -417,18 +420,11 @@ class FrozenEncoder(nn.Module):
         return pooled, rearrange(fmap, "b e h w -> b (h w) e")  # (B, E), (B, T, E)
 
 
-def check_signed_range(images):
-    """Float images must be in [-1, 1]: a [0, 1] tensor (torchvision's ToTensor) would pass silently, darker."""
-    low, high = torch.aminmax(images.detach().float())
-    if low < -1.01 or high > 1.01 or low >= 0:
-        raise ValueError(f"float images must lie in [-1, 1] (or pass uint8), got values in [{low:.3g}, {high:.3g}]: "
-                         "for ToTensor's [0, 1] pass images * 2 - 1")  # fmt: skip
-
-
 def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--encoder-weights", size=None):
-    """DINOv2 (`dinov2-{s,b,l,g}`) or any timm model by name (the register variants: vit_*_patch14_reg4_dinov2.lvd142m). `weights`: a local file (offline), None to fetch
-    from the Hugging Face hub, or 'random' for an untrained copy of the architecture (tests). Weights load strictly:
-    a file of another architecture is an error, never a random encoder. `size`: a CNN's input side (default its own)."""
+    """DINOv2 (`dinov2-{s,b,l,g}`) or any timm model by name (the register variants: vit_*_patch14_reg4_dinov2.lvd142m).
+    `weights`: a local file (offline), None to fetch from the Hugging Face hub, or 'random' for an untrained copy of the
+    architecture (tests). Weights load strictly: a file of another architecture is an error, never a random encoder.
+    `size`: a CNN's input side (default its own)."""
     import timm
 
     arch = ENCODERS.get(name, name)
@@ -848,7 +844,7 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazily: look twice cheaply
     except Exception as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}): corrupt? Delete it or pass another") from None
+        raise ValueError(f"{path} is no readable checkpoint ({type(e).__name__}): damaged, or another file") from None
 
 
 def load_model(path, weights="ema"):
@@ -1262,8 +1258,8 @@ def load_vae(name="ema", device="cpu"):
         vae = AutoencoderKL.from_pretrained(VAES.get(name, name), low_cpu_mem_usage=False)
     except Exception as e:
         raise ValueError(
-            f"no SD-VAE from {name!r} ({type(e).__name__}: {str(e)[:120]}). Offline? Put config.json and "
-            f"diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']} in a folder and pass that folder as --vae"
+            f"no SD-VAE from {name!r} ({type(e).__name__}): no folder with config.json, nor on the hub. Put the "
+            f"config.json and diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']} in a folder, pass it as --vae"
         ) from None
     return vae.to(device).eval().requires_grad_(False)
 

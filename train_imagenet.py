@@ -110,25 +110,27 @@ def encode_shard(files, source, vae, args):
 def prepare(args):
     rank = int(os.environ.get("RANK", 0))
     classes, files = list_images(args.data_dir, args.classes)
-    identity = dict(classes=classes, resolution=args.resolution, vae=args.vae, shard_size=args.shard_size)
+    vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae  # a folder by its place, however typed
+    identity = dict(classes=classes, resolution=args.resolution, vae=vae, shard_size=args.shard_size)
     chunks = [files[start : start + args.shard_size] for start in range(0, len(files), args.shard_size)]
     sources = [reg.fingerprint(identity, chunk) for chunk in chunks]  # what each shard is made from
     names = [f"shard_{i:05d}.pt" for i in range(len(chunks))]
     manifest = dict(identity, counts=[len(chunk) for chunk in chunks], shards=names, sources=sources)
     path = Path(args.out, "manifest.json")
-    other = json.loads(path.read_text()) if path.is_file() else manifest
+    made = path.is_file() and any(Path(args.out).glob("shard_*.pt"))  # a folder without shards may start over
+    other = json.loads(path.read_text()) if made else manifest
     if {key: other.get(key) for key in identity} != identity:
         raise ValueError(f"{args.out} holds another preparation: pass another --out, or delete that folder")
-    # The manifest comes first: `train` refuses an unfinished preparation by its missing shards, and a preparation
-    # of other classes, resolution, VAE or shard size into this folder is refused even when this one was interrupted.
+    autoencoder = reg.load_vae(vae, reg.pick_device())  # before any file is written; under torchrun cuda:LOCAL_RANK
+    # Then the manifest: `train` refuses an unfinished preparation by its missing shards, and a preparation of other
+    # classes, resolution, VAE or shard size into this folder is refused once it has a shard.
     os.makedirs(args.out, exist_ok=True)
     Path(f"{path}.{rank}").write_text(json.dumps(manifest, indent=1))
     os.replace(f"{path}.{rank}", path)  # atomic
-    vae = reg.load_vae(args.vae, reg.pick_device())  # under torchrun: cuda:LOCAL_RANK
     for i in range(rank, len(chunks), int(os.environ.get("WORLD_SIZE", 1))):  # under torchrun: every WORLD_SIZE-th
         shard_path = os.path.join(args.out, names[i])
         if read_shard(shard_path, sources[i]) is None:
-            reg.save_checkpoint(shard_path, encode_shard(chunks[i], sources[i], vae, args))  # atomic
+            reg.save_checkpoint(shard_path, encode_shard(chunks[i], sources[i], autoencoder, args))  # atomic
             print(f"{shard_path}: {len(chunks[i])} images")
 
 

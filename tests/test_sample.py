@@ -295,7 +295,7 @@ def test_a_folder_with_other_settings_or_weights_is_refused(ckpt, tmp_path):
         ({"weight": torch.zeros(2)}, "not a SiT state dict"),
         ({"ema": {"weight": torch.zeros(2)}, "step": 3}, "not a SiT state dict"),
         ({"model": {}, "step": 3}, "has no 'ema' weights"),
-        (b"not a checkpoint", "cannot be read"),
+        (b"not a checkpoint", "no readable checkpoint"),
     ],
 )
 def test_files_that_hold_no_model_exit_with_a_message(tmp_path, content, message):

@@ -185,6 +185,19 @@ def test_fixing_or_replacing_an_image_remakes_only_its_shards(root, tmp_path):
     assert mtimes(prep) == after
 
 
+def test_the_vae_folder_counts_by_its_place_not_its_spelling(root, tmp_path, monkeypatch):
+    """--vae ./vae and --vae /abs/vae are one preparation (nothing remade), recorded by the absolute path, so sample.py
+    finds the VAE from any working folder."""
+    prep = tmp_path / "prep"
+    prepare(root, prep)
+    made = mtimes(prep)
+    monkeypatch.chdir(root)
+    ti.main(["prepare", "--data-dir", "images", "--out", str(prep), "--resolution", "32", "--vae", "vae",
+             "--shard-size", "5"])  # fmt: skip
+    assert mtimes(prep) == made
+    assert json.loads((prep / "manifest.json").read_text())["vae"] == str(root / "vae")
+
+
 def test_truncated_or_foreign_shard_is_named_and_prepare_repairs_it(root, tmp_path):
     prep = tmp_path / "prep"
     shutil.copytree(root / "prep", prep)
@@ -216,12 +229,15 @@ def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"tiny\.png is smaller than --resolution 32: pass --upscale"):
         ti.main([*small, "--out", str(tmp_path / "p1")])
     ti.main([*small, "--out", str(tmp_path / "p2"), "--upscale"])  # ADM enlarges it
+    ti.main([*small, "--out", str(tmp_path / "p1"), "--upscale", "--resolution", "16"])  # p1 has no shard: a new start
+    assert json.loads((tmp_path / "p1" / "manifest.json").read_text())["resolution"] == 16
     data = (root / "images" / "n00" / "1.png").read_bytes()
     (tmp_path / "small" / "n01" / "tiny.png").write_bytes(data[: len(data) // 2])  # a truncated file
     with pytest.raises(SystemExit, match=r"image .*tiny\.png cannot be read"):
         ti.main([*small, "--out", str(tmp_path / "p3"), "--upscale"])
     with pytest.raises(SystemExit, match="--vae"):
         ti.main(["prepare", "--data-dir", str(root / "images"), "--out", str(tmp_path / "p4"), "--vae", "/nowhere"])
+    assert not (tmp_path / "p4").exists()  # the VAE loads before anything is written
     with pytest.raises(SystemExit, match="manifest.json"):
         train(root / "images", tmp_path / "r0")  # an ImageFolder, not a preparation
     no_weights = [a for a in TINY if a not in ("--encoder-weights", "random")]
