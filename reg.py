@@ -931,8 +931,8 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     old = state["args"]
     differ = [f"{k}: checkpoint {old.get(k)!r}, now {args.get(k)!r}" for k in must_match if old.get(k) != args.get(k)]
     if differ:
-        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}): resume with the original "
-                         "settings, or start a new run in another folder")  # fmt: skip
+        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}; *_key: the data's or encoder's "
+                         "content): resume with the original settings, or start a new run in another folder")  # fmt: skip
     if args["steps"] < state["step"]:
         raise ValueError(f"{path} is at step {state['step']}, past --steps {args['steps']}: raise --steps to continue")
     changed = {k: [old.get(k), v] for k, v in args.items() if k not in must_match and old.get(k) != v}
@@ -1121,7 +1121,8 @@ PEAK_TFLOPS = {"H200": 989, "H100": 989, "B200": 2250, "A100": 312, "L40S": 362,
 
 def model_flops(cfg, train=True):
     """Forward FLOPs of one input through the SiT: 2 per multiply-add of every matmul and conv, attention's QK^T and AV
-    included; norms, softmax, elementwise ops and the frozen encoder not counted. A training step costs 3x (backward 2x)."""
+    included; norms, softmax, elementwise ops and the frozen encoder not counted. A training step costs 3x (backward
+    2x)."""
     D = cfg.hidden_size
     E = cfg.encoder_dim
     P = cfg.projector_dim
@@ -1301,7 +1302,8 @@ def class_centroids(tokens, labels, num_classes):
 
 def token_landing(cls, y, centroids):
     """Where generated tokens (B, E) land among the class centroids (K, E): token_match, the fraction whose nearest
-    centroid (by cosine) is the centroid of the label they were generated for, and token_cos, their mean cosine with it."""
+    centroid (by cosine) is the centroid of the label they were generated for, and token_cos, their mean cosine with
+    it."""
     cosines = F.normalize(cls.float().cpu(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T  # (B, K)
     nearest = cosines.argmax(dim=1)  # (B,)
     own = cosines.gather(1, y.cpu()[:, None])[:, 0]  # (B,)
