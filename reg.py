@@ -1312,7 +1312,34 @@ def token_landing(cls, y, centroids):
 
 def strip_frames(trace, frames=8):
     """From sample(..., trace=list): the clean-image estimates at `frames` steps evenly spaced from the first (t = 1) to
-    the last -> (B, frames, C, H, W), one row of a sampling strip per sample."""
+    the last -> ((B, frames, C, H, W), the frames' times), one row of a sampling strip per sample."""
     picks = torch.linspace(0, len(trace) - 1, frames).round().long().tolist()
     chosen = [trace[i][1].float().cpu() for i in picks]
-    return torch.stack(chosen, dim=1)
+    return torch.stack(chosen, dim=1), [trace[i][0] for i in picks]
+
+
+def save_grid(path, images, rows, columns=(), title=""):
+    """A picture that says what it shows: images (R, K, 3, H, W) in [0, 1] as R rows of K tiles with a gap between
+    tiles, each row named on its left (`rows`), each column on top (`columns`, optional), a `title` above. Tiles
+    smaller than 64 px are enlarged (nearest neighbour) so that a name fits beside them. Needs PIL."""
+    from PIL import Image, ImageDraw  # Part B only
+
+    R, K, _, H, W = images.shape
+    zoom = max(1, 64 // H)
+    gap = 4
+    left = 8 + 6 * max(len(name) for name in rows)  # PIL's default font: about 6 px a character
+    top = 14 * (bool(title) + bool(columns)) + gap
+    canvas = Image.new("RGB", (left + K * (W * zoom + gap), top + R * (H * zoom + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill="black")
+    for k, name in enumerate(columns):
+        draw.text((left + k * (W * zoom + gap), top - 14), name, fill="black")
+    tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # (R, K, H, W, 3)
+    for r, name in enumerate(rows):
+        y = top + r * (H * zoom + gap)
+        draw.text((4, y + H * zoom // 2 - 6), name, fill="black")
+        for k in range(K):
+            tile = Image.fromarray(tiles[r, k]).resize((W * zoom, H * zoom), Image.Resampling.NEAREST)
+            canvas.paste(tile, (left + k * (W * zoom + gap), y))
+    canvas.save(path)
+    return path

@@ -17,6 +17,7 @@ import copy
 import functools
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, ImageFolder
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 import reg
@@ -33,17 +33,25 @@ import reg
 # changed (the rest may change, and is logged)
 MUST_MATCH = ("model", "method", "beta", "lam", "batch_size", "seed", "encoder", "limit", "holdout", "unconditional",
               "ema", "token_dim", "data_key", "encoder_key")  # fmt: skip
-COMPARE_METHODS = ("sit", "repa", "reg")
+# what `python train_cifar.py` runs on a machine without a GPU (any flag given wins; --recipe paper: the paper's)
+CPU_RECIPE = (
+    "--model SiT-Ti/4 --limit 1000 --batch-size 32 --steps 2000 --lr 1e-3 --ema 0.995 --sample-every 250 "
+    "--cache-features --token-dim 128 --encoder tf_efficientnet_lite0"
+)
 # --compare's defaults (any flag given wins): SiT-S/2 is 384 wide, so the token is cut to 256 directions to fit
-COMPARE_DEFAULTS = dict(model="SiT-S/2", batch_size=256, steps=2000, lr=3e-4, ema=0.995, limit=10000, token_dim=256,
-                        cache_features=True, eval_every=500, sample_every=500, eval_n=2000, log_every=50)  # fmt: skip
-CPU_RECIPE = "--model SiT-Ti/4 --limit 1000 --batch-size 32 --lr 1e-3 --ema 0.995 --cache-features (README)"
+COMPARE = (
+    "--model SiT-S/2 --batch-size 256 --steps 2000 --lr 3e-4 --ema 0.995 --limit 10000 --token-dim 256 --eval-n 2000 "
+    "--cache-features --eval-every 500 --sample-every 500 --log-every 50 --seeds 0 1 2 3 --fd-encoder inception_v3.tv_in1k"
+)
 BINS = 10  # t bins of the held-out loss (minRF's diagnostic)
 STRIP_FRAMES = 8  # clean-image estimates per sampling strip, from t = 1 to the end
 PER_ROW = 8  # samples per class row of a grid
 SAMPLE_STEPS = 50  # Euler steps of the grids and FD samples, no guidance (sample.py has the paper's SDE and CFG)
 FORECAST_STEP = 5  # after this many steps, say how long the whole run takes here
 KEEP = 3  # checkpoints kept, the newest
+# a CNN encoder (no patch grid of its own) sees the images at 128 px: on CIFAR, Lite0's pooled vector is as good a
+# nearest-neighbour feature at 128 px as at its own 224 (66.4% either way), at a third of the FLOPs
+CNN_SIZE = 128
 
 
 @dataclass
@@ -61,13 +69,46 @@ class Data:
 # Data -----------------------------------------------------------------------------------------------------------------
 
 
-def image_folder(d):
-    """An ImageFolder (one folder of same-size images per class, directly inside), listed; an image is read when
-    indexed, as uint8 (H, W, 3), and an unreadable file is named (reg.read_image)."""
+def find_inputs(args, device):
+    """The dataset (listed, not yet read) and the frozen encoder (None for plain SiT). What is missing, the data or
+    the encoder's weights, is named at once, each with its fix, before any heavy work."""
+    problems = []
+    dataset = None
+    encoder = None
     try:
-        return ImageFolder(d, loader=reg.read_image, is_valid_file=functools.partial(in_a_class_folder, d))
-    except FileNotFoundError as e:  # no class folders, or none with images directly inside
-        raise ValueError(f"--data-dir {d}: {e} Put the images in one folder per class, directly inside it") from None
+        dataset = open_dataset(args)
+    except ValueError as e:
+        problems.append(str(e))
+    if reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder:
+        side = np.asarray(dataset[0][0]).shape[0] if dataset else 32
+        with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
+            torch.manual_seed(args.seed)
+            try:
+                grid = side // reg.PRESETS[args.model]["patch_size"]
+                encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, device, size=CNN_SIZE)
+            except (ValueError, RuntimeError) as e:
+                problems.append(str(e))
+    if problems:
+        raise ValueError("\n  ".join(["cannot start:", *problems]))
+    return dataset, encoder
+
+
+def open_dataset(args):
+    """--data-dir: an ImageFolder (one folder of same-size images per class, directly inside), else CIFAR-10
+    (downloaded there). Listed; an image is read when indexed, as uint8 (H, W, 3) (reg.read_image)."""
+    if os.path.isdir(args.data_dir) and "cifar-10-batches-py" not in os.listdir(args.data_dir):
+        try:
+            valid = functools.partial(in_a_class_folder, args.data_dir)
+            return ImageFolder(args.data_dir, loader=reg.read_image, is_valid_file=valid)
+        except FileNotFoundError as e:  # no class folders, or none with images directly inside
+            raise ValueError(f"--data-dir {args.data_dir}: {e} Put the images in one folder per class") from None
+    try:
+        return CIFAR10(args.data_dir, train=True, download=True)
+    except Exception as e:
+        raise ValueError(
+            f"could not download CIFAR-10 into --data-dir {args.data_dir} ({str(e)[:80]}). Offline? Pass any "
+            "ImageFolder as --data-dir (for CIFAR-10 as JPEGs: the folder holding the 10 class folders)"
+        ) from None
 
 
 def in_a_class_folder(root, path):
@@ -76,28 +117,44 @@ def in_a_class_folder(root, path):
     return path.lower().endswith(reg.IMAGE_SUFFIXES) and class_parent == os.path.normpath(root)
 
 
-def load_data(args, device):
-    """--data-dir: an ImageFolder, else CIFAR-10 (downloaded there). A fixed random order (seed 0, the same for every
-    --seed) sets --holdout images aside first, then --limit of the rest (0 = all) are the training set; only the
-    images kept are read."""
-    if os.path.isdir(args.data_dir) and "cifar-10-batches-py" not in os.listdir(args.data_dir):
-        dataset = image_folder(args.data_dir)
-    else:
-        try:
-            dataset = CIFAR10(args.data_dir, train=True, download=True)
-        except Exception as e:
-            raise ValueError(f"could not get CIFAR-10 into --data-dir {args.data_dir} ({str(e)[:120]}). Offline? Pass "
-                             "an ImageFolder as --data-dir") from None  # fmt: skip
+def split(args, dataset):
+    """A fixed random order (seed 0, the same for every --seed) sets --holdout images aside first, then --limit of the
+    rest (0 = all) are the training set. -> (training indices, held-out indices), each sorted."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     train = order[args.holdout :][: args.limit or None]
     if len(train) < max(args.limit, args.batch_size):
         raise ValueError(f"{len(dataset)} images leave {len(train)} for training after --holdout {args.holdout}, fewer "
                          f"than --limit {args.limit} or --batch-size {args.batch_size}: lower them")  # fmt: skip
-    keep = torch.cat([train.sort().values, order[: args.holdout].sort().values]).tolist()  # only these are read
+    return train.sort().values, order[: args.holdout].sort().values
+
+
+def check_memory(args, n_images, side, encoder):
+    """On a CPU, refuse a run that would not fit in this machine's memory before reading a single image: the weights,
+    gradients, AdamW's two moments and the EMA (20 bytes a parameter), the activations a training step keeps per
+    image (fp32, measured on SiT-S/2 and B/2 here: about 12 D + 2.5 MLP widths per token and block) and the images."""
+    cfg = reg.SiTConfig(**{**reg.PRESETS[args.model], **reg.METHODS[args.method]}, input_size=side, in_channels=3)
+    with torch.device("meta"):  # the parameter count without the memory
+        params = sum(p.numel() for p in reg.SiT(cfg).parameters())
+    tokens = cfg.grid**2 + 1
+    per_image = 4 * cfg.depth * tokens * (12 * cfg.hidden_size + 2.5 * cfg.hidden_size * cfg.mlp_ratio)
+    encoder_bytes = 4 * sum(p.numel() for p in encoder.parameters()) if encoder and not args.cache_features else 0
+    need = 20 * params + args.batch_size * per_image + n_images * 3 * side**2 + encoder_bytes
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * have:
+        raise ValueError(f"{args.model} at --batch-size {args.batch_size} needs about {need / 2**30:.0f} GiB, this "
+                         f"machine has {have / 2**30:.0f}: lower --batch-size, pick a smaller --model, or drop "
+                         "--recipe paper for the CPU recipe")  # fmt: skip
+
+
+def load_data(args, dataset, device):
+    """The images kept (training, then held-out), read once, on the device, with their labels and class names."""
+    train, held_out = split(args, dataset)
+    keep = torch.cat([train, held_out]).tolist()  # only these are read
     arrays = [np.asarray(dataset[i][0]) for i in tqdm(keep, desc="reading images", disable=len(keep) < 5000)]
     sizes = sorted({a.shape for a in arrays})
-    if len(sizes) != 1:
-        raise ValueError(f"--data-dir {args.data_dir}: images of several sizes {sizes[:3]}: resize them to one size")
+    if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:
+        raise ValueError(f"--data-dir {args.data_dir}: images of sizes {sizes[:3]} (H, W, 3), the model needs one "
+                         "square size: crop or resize them to one square size")  # fmt: skip
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N + holdout, 3, H, W)
     labels = torch.tensor(dataset.targets)[keep]
     classes = dataset.classes
@@ -107,47 +164,48 @@ def load_data(args, device):
     return Data(images.to(device), labels.to(device), classes, len(train))
 
 
-def attach_encoder(args, data):
-    """The frozen encoder, and with --cache-features its feature cache, on `data`. -> the key of its weights."""
-    grid = data.images.shape[-1] // reg.PRESETS[args.model]["patch_size"]
-    with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
-        torch.manual_seed(args.seed)
-        data.encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, data.images.device)
-    encoder_key = reg.fingerprint(*data.encoder.state_dict().values())
-    if args.cache_features:
-        data.cache = open_cache(args, data, reg.fingerprint(data.images, encoder_key, grid))  # labels: not features
-    return encoder_key
+def mirror(u8, flip):
+    """uint8 (B, 3, H, W), mirrored where flip (B,) is 1 (the only augmentation)."""
+    return torch.where(flip.view(-1, 1, 1, 1).bool(), u8.flip(-1), u8)
 
 
-def to_pixels(u8, flip):
-    """uint8 (B, 3, H, W) -> float in [-1, 1], mirrored where flip (B,) is 1 (the only augmentation)."""
-    mirrored = torch.where(flip.view(-1, 1, 1, 1).bool(), u8.flip(-1), u8)
-    return mirrored.float() / 127.5 - 1
+def to_pixels(u8):
+    """uint8 -> float in [-1, 1], the model's input."""
+    return u8.float() / 127.5 - 1
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n, device):
+    """Epoch `epoch`'s order of the n training images and their flips, from a generator seeded by (seed, epoch): made
+    once an epoch, on the host (a memmap cache reads by them) and copied once to the device (the steps slice them)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    flips = torch.randint(0, 2, (n,), generator=g)
+    return (perm, flips), (perm.to(device), flips.to(device))
 
 
 def batch_at(step, data, args):
     """The batch of optimiser step `step`, a pure function of the step (a resumed run meets exactly the batches the
-    uninterrupted run met): epoch e's order and flips come from a generator seeded by (seed, e).
-    -> x (B, 3, H, W) in [-1, 1], y (B,), feats (class token (B, E), patches (B, T, E)) or None."""
+    uninterrupted run met). -> x (B, 3, H, W) in [-1, 1], y (B,), feats (class token (B, E), patches (B, T, E))."""
     per_epoch = data.n_train // args.batch_size
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step // per_epoch)
-    perm = torch.randperm(data.n_train, generator=g)
-    flips = torch.randint(0, 2, (data.n_train,), generator=g)
-    start = (step % per_epoch) * args.batch_size
-    idx = perm[start : start + args.batch_size]  # (B,)
-    x = to_pixels(data.images[idx.to(data.images.device)], flips[idx].to(data.images.device))
-    return x, data.labels[idx.to(data.images.device)], features(data, x, flips[idx], idx)
+    host, on_device = epoch_order(args.seed, step // per_epoch, data.n_train, data.images.device)
+    part = slice((step % per_epoch) * args.batch_size, (step % per_epoch + 1) * args.batch_size)
+    perm, flips = on_device if torch.is_tensor(data.cache) or data.cache is None else host  # where the cache lies
+    idx = on_device[0][part]  # (B,)
+    u8 = mirror(data.images[idx], on_device[1][idx])  # (B, 3, H, W): image i is mirrored where flips[i] is 1
+    return to_pixels(u8), data.labels[idx], features(data, u8, perm[part], flips[perm[part]])
 
 
-def features(data, x, flip, idx):
-    """The frozen encoder's features of images x (= images idx, mirrored where flip): a cache read, or the encoder."""
+def features(data, u8, idx, flip):
+    """The frozen encoder's features of uint8 images u8 (= images idx, mirrored where flip): a cache read (a memmap
+    reads idx and flip on the host: batch_at passes them there), or the encoder."""
     if data.cache is None:
-        return data.encoder(x) if data.encoder else None
-    if torch.is_tensor(data.cache):  # in GPU memory: a gather on the device
-        rows = data.cache[flip.to(data.cache.device), idx.to(data.cache.device)]
+        return data.encoder(u8) if data.encoder else None
+    if torch.is_tensor(data.cache):  # in the device's memory: a gather there
+        rows = data.cache[flip, idx]
     else:  # a memmap: numpy reads just these rows
-        rows = torch.from_numpy(data.cache[flip.numpy(), idx.numpy()])
-    rows = rows.to(x.device).float()  # (B, 1+T, E)
+        rows = torch.from_numpy(data.cache[flip.cpu().numpy(), idx.cpu().numpy()]).to(u8.device)
+    rows = rows.float()  # (B, 1+T, E)
     return rows[:, 0], rows[:, 1:]
 
 
@@ -155,7 +213,7 @@ def open_cache(args, data, key):
     """The encoder's features of every image and its mirror, (2, N + holdout, 1+T, E) float16, in one file named by
     `key` (the images and the encoder's weights and grid), so it can never serve other data. Built on first
     use into a temporary file of this process, renamed when whole; Ctrl-C or SIGTERM removes it."""
-    path = os.path.join(args.cache_dir or args.data_dir, f"feats-{key}.npy")
+    path = os.path.join(args.cache_dir, f"feats-{key}.npy")
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -171,10 +229,10 @@ def open_cache(args, data, key):
             signal.signal(signal.SIGTERM, previous)
             if os.path.exists(tmp):
                 os.remove(tmp)
-    cache = np.load(path, mmap_mode="r")
-    if data.images.device.type == "cuda" and cache.nbytes < torch.cuda.mem_get_info()[0] // 2:
-        return torch.from_numpy(np.ascontiguousarray(cache)).to(data.images.device)
-    return cache
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as e:  # truncated or damaged by something else: our writes are atomic
+        raise ValueError(f"feature cache {path} is damaged ({e}): delete it and run again to rebuild it") from None
 
 
 @torch.no_grad()
@@ -183,22 +241,37 @@ def build_cache(path, data, batch_size):
     shape = (2, len(data.images), 1 + grid**2, data.encoder.dim)
     store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
     size_gb = 2 * np.prod(shape) / 1e9  # both flips, float16
-    for i in tqdm(range(0, shape[1], batch_size), desc=f"feature cache in {os.path.dirname(path)} ({size_gb:.2f} GB)"):
+    for i in tqdm(range(0, shape[1], batch_size), desc=f"feature cache {path[:-8]} ({size_gb:.2f} GB)"):
         u8 = data.images[i : i + batch_size]
         for flip in (0, 1):
-            cls, patches = data.encoder(to_pixels(u8, torch.full((len(u8),), flip, device=u8.device)))
+            cls, patches = data.encoder(mirror(u8, torch.full((len(u8),), flip, device=u8.device)))
             store[flip, i : i + batch_size] = torch.cat([cls[:, None], patches], 1).half().cpu().numpy()
     store.flush()
 
 
+def to_device_if_fits(array, device, what):
+    """A host array (a memmap) copied to a GPU in pieces through pinned memory when it fits in the free memory left,
+    with a margin; else left on the host, with one line saying so."""
+    if device.type != "cuda":
+        return array
+    free = torch.cuda.mem_get_info(device)[0]
+    if array.nbytes > 0.8 * free:
+        print(f"{what} ({array.nbytes / 2**30:.1f} GiB) stays on the host: {free / 2**30:.1f} GiB free on the GPU")
+        return array
+    on_device = torch.empty(array.shape, dtype=torch.float16, device=device)
+    for i in range(0, len(array[0]), 1024):
+        piece = torch.from_numpy(np.ascontiguousarray(array[:, i : i + 1024])).pin_memory()
+        on_device[:, i : i + 1024].copy_(piece, non_blocking=True)
+    return on_device
+
+
 def training_tokens(data, cfg):
     """The encoder token (N, E) of every training image, unflipped: for --token-dim's directions and the centroids."""
-    idx = torch.arange(data.n_train)
-    no_flip = torch.zeros_like(idx)
+    idx = torch.arange(data.n_train, device=data.images.device)
     tokens = []
-    for part, flip in zip(idx.split(256), no_flip.split(256)):
-        x = to_pixels(data.images[part.to(data.images.device)], flip.to(data.images.device))
-        tokens.append(reg.token_target(cfg, features(data, x, flip, part)).float())
+    for part in idx.split(256):
+        feats = features(data, data.images[part], part, torch.zeros_like(part))
+        tokens.append(reg.token_target(cfg, feats).float())
     return torch.cat(tokens)
 
 
@@ -207,6 +280,8 @@ def training_tokens(data, cfg):
 
 def main(args):
     """One run, or --compare; reg's errors (which name the fix) become one line."""
+    if args.recipe == "cpu":
+        print(f"the CPU recipe ({CPU_RECIPE}; flags given win): --recipe paper for the paper's")
     try:
         if args.compare:
             return compare(args)
@@ -218,40 +293,48 @@ def main(args):
 def train(args):
     """One run, read top to bottom. -> (run folder, whether Ctrl-C or SIGTERM stopped it)."""
     device = reg.pick_device(args.device)
+    if not reg.SiTConfig(**reg.METHODS[args.method]).entangled:
+        args.token_dim = 0  # no token to project: not stored, not compared as if it mattered
     out = args.out or os.path.join("runs", f"cifar-{args.method}-{args.model.replace('/', '-')}")
     with reg.lock_folder(out):  # one trainer per folder while the run lasts
-        # Data and the frozen encoder
-        data = load_data(args, device)
-        settings = dict(vars(args), data_key=reg.fingerprint(data.images, data.labels), encoder_key=None)
-        if reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder:
-            settings["encoder_key"] = attach_encoder(args, data)
+        # Data and the frozen encoder: what is missing, or too big for this machine, is refused before the work
+        dataset, encoder = find_inputs(args, device)
+        side = np.asarray(dataset[0][0]).shape[0]
+        if device.type == "cpu":
+            check_memory(args, len(dataset), side, encoder)
+        data = load_data(args, dataset, device)
+        data.encoder = encoder
+        settings = dict(vars(args), classes=data.classes, data_key=reg.fingerprint(data.images, data.labels))
+        settings["encoder_key"] = reg.fingerprint(*encoder.state_dict().values()) if encoder else None
+        if args.cache_features and encoder:
+            key = reg.fingerprint(data.images, settings["encoder_key"], encoder.grid, encoder.size)  # no labels
+            data.cache = open_cache(args, data, key)
         # Model and optimiser
         model, ema, opt, scaler = build(args, data, device)
         net = torch.compile(model) if args.compile else model
+        if args.cache_features and encoder:
+            data.cache = to_device_if_fits(data.cache, device, "the feature cache")
         # Resume
         step = 0
         if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
             step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
         judge = make_judge(args, data, ema) if args.eval_every else None
         print(f"run {out}: {args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, step {step}")
+        if step == args.steps:
+            print(f"{out} already finished at step {step}: raise --steps to train on")
         # Train
         sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
         logged = (step, time.perf_counter())
         started = logged
-        weight = args.micro_batch / args.batch_size  # each micro-batch's share of the batch mean
         flops_per_image = 3 * reg.model_flops(model.cfg)  # forward + backward (2x)
         with reg.GracefulStop() as stop:
             while step < args.steps and not stop.requested:
-                x, y, feats = batch_at(step, data, args)
-                for i in range(0, args.batch_size, args.micro_batch):
-                    part = slice(i, i + args.micro_batch)
-                    part_feats = None if feats is None else (feats[0][part], feats[1][part])
-                    with reg.autocast(device, args.precision):
-                        losses = reg.reg_loss(net, x[part], y[part], part_feats, beta=args.beta, lam=args.lam)
-                    scaler.scale(losses["loss"] * weight).backward()  # gradients add up over the micro-batches
-                    reg.add_to(sums, losses, weight)
+                with reg.autocast(device, args.precision):
+                    x, y, feats = batch_at(step, data, args)  # a live encoder runs under autocast too
+                    losses = reg.reg_loss(net, x, y, feats, beta=args.beta, lam=args.lam)
+                scaler.scale(losses["loss"]).backward()
                 grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, 1.0, args.ema)  # clip, AdamW, EMA
-                reg.add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
+                reg.add_to(sums, dict(losses, grad_norm=grad_norm, skipped=skipped), 1.0)
                 step += 1
                 if step == started[0] + FORECAST_STEP:
                     forecast(args, step, started, device)
@@ -264,6 +347,8 @@ def train(args):
                 if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                     reg.save_training_state(out, step, model, ema, opt, scaler, settings, KEEP)
         plot_run(out)
+    print(f"{'stopped' if stop.requested else 'done'} at step {step}: {out} holds the checkpoint, log.jsonl, losses.png"
+          + (", samples_*.png and strip_*.png" if args.sample_every else ""))  # fmt: skip
     return out, stop.requested
 
 
@@ -278,9 +363,11 @@ def build(args, data, device):
     """The SiT (with --token-dim, its token's directions fitted to the training set), its EMA, AdamW (the paper's:
     betas 0.9/0.999, no weight decay) and the GradScaler, which acts only for fp16."""
     torch.manual_seed(args.seed)
-    overrides = dict(input_size=data.images.shape[-1], in_channels=3, num_classes=len(data.classes),
-                     encoder_dim=data.encoder.dim if data.encoder else 768, token_dim=args.token_dim)  # fmt: skip
-    model = reg.make_model(args.model, args.method, **overrides).to(device)
+    encoder_dim = data.encoder.dim if data.encoder else 768
+    overrides = dict(input_size=data.images.shape[-1], in_channels=3, num_classes=len(data.classes))
+    if args.token_dim >= data.n_train:
+        raise ValueError(f"--token-dim {args.token_dim} needs more training images ({data.n_train}): lower it")
+    model = reg.make_model(args.model, args.method, **overrides, encoder_dim=encoder_dim, token_dim=args.token_dim)
     if model.cfg.entangled and args.token_dim:  # ours: the token on its top principal directions
         model.set_token_basis(training_tokens(data, model.cfg))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -299,7 +386,7 @@ def forecast(args, step, started, device):
     hours = seconds * (args.steps - step) / 3600
     print(f"{seconds:.2f} s a step: the {args.steps - step} steps left take {hours:.1f} h ({hours * 60:.0f} min) here")
     if device.type == "cpu" and hours > 1:
-        print(f"on a CPU, the CPU recipe learns within minutes: {CPU_RECIPE}")
+        print(f"on a CPU, the CPU recipe learns within minutes: python train_cifar.py --recipe cpu (= {CPU_RECIPE})")
 
 
 # Samples, evaluation and the diagnostics ------------------------------------------------------------------------------
@@ -313,7 +400,7 @@ def make_judge(args, data, ema):
         fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, data.images.device,
                                       "--fd-encoder-weights")  # fmt: skip
     training = data.images[: data.n_train]
-    reference = reg.fd_stats(fd_encoder, training, args.batch_size, args.cache_dir or args.data_dir)
+    reference = reg.fd_stats(fd_encoder, training, args.batch_size, args.cache_dir)
     centroids = None
     if ema.cfg.entangled:
         tokens = ema.project_token(training_tokens(data, ema.cfg))  # (N, K)
@@ -335,7 +422,7 @@ def generate(args, ema, x, y, cls, trace=None):
 def save_samples(args, ema, data, out, step):
     """samples_NNNNNNN.png: the EMA's grid from the same noise at every step (a row per class; 8 rows with one class).
     strip_NNNNNNN.png: for the first sample of each row, the model's estimate of the clean image at 8 times along the
-    sampler's path (t = 1 -> 0)."""
+    sampler's path, from noise (t = 1) to the sample (t = 0)."""
     rows = len(data.classes) if len(data.classes) > 1 else 8
     fixed = torch.Generator().manual_seed(args.seed)
     x = torch.randn(rows * PER_ROW, *data.images.shape[1:], generator=fixed).to(data.images.device)
@@ -343,10 +430,14 @@ def save_samples(args, ema, data, out, step):
     y = torch.arange(rows, device=data.images.device).repeat_interleave(PER_ROW) % len(data.classes)
     trace = []
     images, _ = generate(args, ema, x, y, cls, trace)
-    save_image((images + 1) / 2, os.path.join(out, f"samples_{step:07d}.png"), nrow=PER_ROW)
-    frames = reg.strip_frames(trace, STRIP_FRAMES)[::PER_ROW]  # (rows, frames, 3, H, W)
-    strip = (frames.flatten(0, 1).clamp(-1, 1) + 1) / 2
-    save_image(strip, os.path.join(out, f"strip_{step:07d}.png"), nrow=STRIP_FRAMES)
+    names = [data.classes[label] for label in y[::PER_ROW].tolist()]
+    grid = (images.cpu().view(rows, PER_ROW, *images.shape[1:]) + 1) / 2  # (rows, 8, 3, H, W)
+    what = f"{args.method} {args.model}, EMA at step {step}: {PER_ROW} samples a row (Euler {SAMPLE_STEPS} steps)"
+    reg.save_grid(os.path.join(out, f"samples_{step:07d}.png"), grid, names, title=what)
+    frames, times = reg.strip_frames(trace, STRIP_FRAMES)
+    strip = (frames[::PER_ROW] + 1) / 2  # (rows, frames, 3, H, W)
+    what = f"step {step}: the clean-image estimate along the sampling path, noise (t = 1) -> sample (t = 0)"
+    reg.save_grid(os.path.join(out, f"strip_{step:07d}.png"), strip, names, [f"t={t:.2f}" for t in times], what)
 
 
 @torch.no_grad()
@@ -355,11 +446,9 @@ def evaluate(args, ema, data, judge, out, step):
     of each half (their spread is the evaluation noise); for an entangled token, where the generated tokens land and
     their consistency with the encoder's token of the image they came with."""
     fd_encoder, reference, centroids = judge
-    held = torch.arange(data.n_train, len(data.images))
-    no_flip = torch.zeros_like(held)
-    held_x = to_pixels(data.images[held.to(data.images.device)], no_flip.to(data.images.device))
-    held_feats = features(data, held_x, no_flip, held)
-    bins = reg.loss_per_t_bin(ema, held_x, data.labels[held.to(held_x.device)], held_feats, BINS, args.seed)
+    held = torch.arange(data.n_train, len(data.images), device=data.images.device)
+    held_feats = features(data, data.images[held], held, torch.zeros_like(held))
+    bins = reg.loss_per_t_bin(ema, to_pixels(data.images[held]), data.labels[held], held_feats, BINS, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)  # not the grids' noise
     x = torch.randn(args.eval_n, *data.images.shape[1:], generator=g).to(data.images.device)
     cls = torch.randn(args.eval_n, ema.cfg.token_width, generator=g).to(data.images.device)
@@ -383,21 +472,118 @@ def evaluate(args, ema, data, judge, out, step):
 
 
 def compare(args):
-    """--compare: sit, repa and reg with the same model, data, seeds and budget, each in <out>/<method>[-seed<s>],
-    evaluated at the same steps; <out>/compare.png draws FD over the steps for every run. Ctrl-C stops the comparison."""
+    """--compare: every method of --methods with every seed of --seeds (the same model, data, budget and evaluation
+    noise), each in <out>/<method>-seed<s>; then compare.md and compare.png (report). Rerunning the command continues
+    the arms not yet finished and only redraws the finished ones; Ctrl-C stops the comparison."""
     out = args.out or os.path.join("runs", f"cifar-compare-{args.model.replace('/', '-')}")
-    logs = {}
-    for seed in args.seeds or [args.seed]:
-        for method in COMPARE_METHODS:
-            name = f"{method}-seed{seed}" if args.seeds else method
-            arm = argparse.Namespace(**dict(vars(args), method=method, seed=seed, out=os.path.join(out, name)))
+    seeds = args.seeds or [args.seed]
+    runs = {}
+    for seed in seeds:
+        for method in args.methods:
+            arm = argparse.Namespace(**dict(vars(args), method=method, seed=seed, out=f"{out}/{method}-seed{seed}"))
             folder, stopped = train(arm)
-            logs[name] = os.path.join(folder, "log.jsonl")
             if stopped:
                 return out, True
-    png = reg.plot_log(logs, os.path.join(out, "compare.png"), ("fd", "fd_a", "fd_b", "denoise"))
-    print(f"comparison: {png}")
+            runs[method, seed] = [r for r in reg.read_log(os.path.join(folder, "log.jsonl")) if "fd" in r][-1]
+    report(out, runs, args.methods, seeds, args.fd_encoder)
     return out, False
+
+
+def report(out, runs, methods, seeds, judge):
+    """compare.md: each method against the baseline (sit if compared, else the first method) at the last evaluation,
+    seed by seed (seeds are paired: one method's seeds spread more than methods differ): FD, the held-out image loss
+    per t bin, and where the generated token lands. compare.png draws the same."""
+    base = "sit" if "sit" in methods else methods[0]
+    others = [m for m in methods if m != base]
+    fd = {key: r["fd"] for key, r in runs.items()}
+    step = runs[base, seeds[0]]["step"]
+    lines = [f"FD_{judge} of the EMA samples at step {step} against the training images (lower is better)", ""]
+    lines += ["| seed | " + " | ".join([base] + [f"{m} | {m} - {base}" for m in others]) + " |"]
+    lines += ["|---" * (1 + len(methods) + len(others)) + "|"]
+    for seed in seeds:
+        cells = [f"{fd[base, seed]:.2f}"] + [f"{fd[m, seed]:.2f} | {fd[m, seed] - fd[base, seed]:+.2f}" for m in others]
+        lines += [f"| {seed} | " + " | ".join(cells) + " |"]
+    cells = [mean_sd([fd[base, s] for s in seeds])]
+    for m in others:
+        differences = [fd[m, s] - fd[base, s] for s in seeds]
+        lower = sum(d < 0 for d in differences)
+        cells += [mean_sd([fd[m, s] for s in seeds]), f"{mean_sd(differences)}, lower in {lower} of {len(seeds)}"]
+    lines += ["| mean (sd) | " + " | ".join(cells) + " |", ""]
+    lines += [f"Held-out image velocity loss per t bin at step {step} ({base}: mean over seeds; the others: mean "
+              f"difference to {base} in %, and in how many seeds lower)", ""]  # fmt: skip
+    lines += ["| t | " + " | ".join([base] + others) + " |", "|---" * (2 + len(others)) + "|"]
+    for b, t in enumerate(runs[base, seeds[0]]["bin_t"]):
+        base_loss = [runs[base, s]["bin_denoise"][b] for s in seeds]
+        cells = [f"{np.mean(base_loss):.4f}"]
+        for m in others:
+            relative = [100 * (runs[m, s]["bin_denoise"][b] / runs[base, s]["bin_denoise"][b] - 1) for s in seeds]
+            cells += [f"{np.mean(relative):+.1f}%, lower in {sum(r < 0 for r in relative)} of {len(seeds)}"]
+        lines += [f"| {t:.2f} | " + " | ".join(cells) + " |"]
+    for m in methods:
+        if "token_match" in runs[m, seeds[0]]:
+            means = {
+                k: np.mean([runs[m, s][k] for s in seeds]) for k in ("token_match", "token_cos", "token_consistency")
+            }
+            lines += [
+                "",
+                f"{m}'s generated token (mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()),
+            ]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(text)
+    draw_comparison(os.path.join(out, "compare.png"), out, methods, seeds, base, judge)
+    print(text + f"comparison: {out}/compare.md, {out}/compare.png")
+
+
+def mean_sd(values):
+    return f"{np.mean(values):.2f} ({np.std(values, ddof=1) if len(values) > 1 else 0:.2f})"
+
+
+def draw_comparison(png, out, methods, seeds, base, judge):
+    """Three panels: FD over the steps (a colour per method, a marker per seed); the last FD of each seed, paired
+    across methods by a line; each method's held-out image loss per t bin relative to the baseline, seed by seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (over_steps, paired, bins) = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    markers = "osD^v<>ph*"
+    evals = {
+        (m, s): [r for r in reg.read_log(f"{out}/{m}-seed{s}/log.jsonl") if "fd" in r] for m in methods for s in seeds
+    }
+    for (m, s), records in evals.items():
+        marker = markers[seeds.index(s) % len(markers)]
+        label = m if s == seeds[0] else None
+        over_steps.plot(
+            [r["step"] for r in records], [r["fd"] for r in records], color=colours[m], marker=marker, label=label
+        )
+    for i, s in enumerate(seeds):
+        last = [evals[m, s][-1]["fd"] for m in methods]
+        paired.plot(
+            range(len(methods)), last, color="grey", lw=0.8, marker=markers[i % len(markers)], label=f"seed {s}"
+        )
+    for m in methods:
+        if m == base:
+            continue
+        for i, s in enumerate(seeds):
+            t = evals[m, s][-1]["bin_t"]
+            relative = [
+                100 * (a / b - 1) for a, b in zip(evals[m, s][-1]["bin_denoise"], evals[base, s][-1]["bin_denoise"])
+            ]
+            label = f"{m} - {base}" if i == 0 else None
+            bins.plot(t, relative, color=colours[m], marker=markers[i % len(markers)], lw=0.8, label=label)
+    bins.axhline(0, color=colours[base], lw=1)
+    over_steps.set(title=f"FD_{judge} over training (markers: seeds)", xlabel="step", ylabel="FD (lower is better)")
+    paired.set(title="last FD, seed by seed", ylabel="FD (lower is better)", xticks=range(len(methods)))
+    paired.set_xticklabels(methods)
+    bins.set(title=f"held-out image loss vs {base}, per t bin", xlabel="t (0 data, 1 noise)", ylabel="difference (%)")
+    for ax in (over_steps, paired, bins):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 # Command line: every number is checked when parsed, with its allowed range in the error ------------------------------
@@ -419,10 +605,9 @@ def parser():
     a("--encoder", default="dinov2-b", help="frozen encoder: dinov2-{s,b,l,g} or a timm name; paper dinov2-b")
     a("--encoder-weights", default=None, help="a local weights file (offline), or 'random' (tests); default: the hub")
     a("--cache-features", action="store_true", help="encode the data once (both flips, float16) and train without it")
-    a("--cache-dir", default=None, help="where feature caches and FD reference statistics go; default --data-dir")
+    a("--cache-dir", default="runs/cache", help="feature caches and FD statistics, named by content; runs/cache")
     a("--steps", type=reg.positive_int, default=40000, help="optimiser steps; default 40k (SiT-B/2: ~1 h, est.)")
     a("--batch-size", type=reg.positive_int, default=128, help="images per optimiser step; default 128")
-    a("--micro-batch", type=reg.positive_int, help="images per pass, dividing --batch-size (accumulation); default all")
     a("--lr", type=reg.positive_float, default=1e-4, help="AdamW (paper 1e-4; SiT-Ti on a CPU 1e-3); may change later")
     a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay per step; 0.9999 (paper); 0.995: short runs")
     a("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU autocast; fp16 adds a GradScaler")
@@ -437,26 +622,36 @@ def parser():
     a("--eval-n", type=reg.positive_int, default=5000, help="EMA samples per FD evaluation (>= 4); default 5000")
     a("--fd-encoder", default="dinov2-l", help="the FD feature space; default dinov2-l (FD_DINOv2, Stein et al. 2023)")
     a("--fd-encoder-weights", default=None, help="a local weights file for --fd-encoder; default: the hub")
-    a("--compare", action="store_true", help="train sit, repa and reg in turn with the same settings and draw "
-      f"compare.png; its defaults: {COMPARE_DEFAULTS} (any flag given wins)")  # fmt: skip
-    a("--seeds", type=reg.nonneg_int, nargs="+", help="--compare: seeds to run each method with, e.g. 0 1")
+    a("--recipe", default="auto", choices=["auto", "cpu", "paper"], help="defaults: auto = paper on a GPU, else cpu")
+    a("--compare", action="store_true", help=f"train --methods x --seeds, then compare.md/.png; defaults: {COMPARE}")
+    a("--seeds", type=reg.nonneg_int, nargs="+", help="--compare: seeds, each run by every method; default --seed")
+    a("--methods", nargs="+", choices=list(reg.METHODS), default=["sit", "repa", "reg"], help="--compare: methods")
     return p
 
 
 def parse_args(argv=None):
-    """The command line, with the checks that involve two flags (argparse's error: usage, message, exit status 2)."""
+    """The command line, with the checks that involve two flags (argparse's error: usage, message, exit status 2).
+    Without a GPU the CPU recipe's flags, and with --compare the comparison's, come first: flags given win."""
     p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    if args.compare:  # the comparison's own defaults; flags given on the command line still win
-        p.set_defaults(**COMPARE_DEFAULTS)
-        args = p.parse_args(argv)
-    args.micro_batch = args.micro_batch or args.batch_size
-    if args.batch_size % args.micro_batch:
-        p.error(f"--micro-batch {args.micro_batch} must divide --batch-size {args.batch_size}")
+    if args.recipe == "auto":
+        args.recipe = (
+            "paper" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
+        )
+    recipe = CPU_RECIPE.split() if args.recipe == "cpu" else []
+    recipe += COMPARE.split() if args.compare else []
+    args = p.parse_args(recipe + argv + ["--recipe", args.recipe])
     if args.eval_every and (args.eval_n < 4 or args.holdout < 1):
         p.error("--eval-every needs --eval-n >= 4 (FD of each half too) and --holdout >= 1 (the loss per t bin)")
-    if args.seeds and not args.compare:
-        p.error("--seeds is for --compare; a single run takes --seed")
+    if (args.seeds or args.methods != p.get_default("methods")) and not args.compare:
+        p.error("--seeds and --methods are for --compare; a single run takes --seed and --method")
+    same_space = reg.ENCODERS.get(args.fd_encoder, args.fd_encoder) == reg.ENCODERS.get(args.encoder, args.encoder)
+    if args.compare and (not args.eval_every or same_space):
+        p.error("--compare judges by FD: it needs --eval-every, and an --fd-encoder other than --encoder (an FD in the "
+                "alignment encoder's own space may favour the methods trained toward it)")  # fmt: skip
+    if args.out and os.path.isfile(args.out):
+        p.error(f"--out {args.out} is a file: pass a folder (new, or a run's to continue it)")
     return args
 
 
