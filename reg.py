@@ -15,7 +15,10 @@ Time convention (used everywhere below): t = 0 is data, t = 1 is noise;  x_t = a
 Shape legend: B batch, C channels, H W image side, p patch, T = HW/p^2 patch tokens, D width, E encoder width.
 Names: `cond` the adaLN conditioning (time + label), `cls` / `cls_t` / `v_cls` the REG token / noised / its velocity,
 `feats` the frozen encoder's output (class token, patch tokens), `x_t` / `v` the noised image / its velocity.
-Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what REG adds to SiT+REPA.
+Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what the REG paper adds to SiT+REPA (grep it
+to read the paper's delta, the joint loss included), `# [ablation]` the paper's ablations (a learned token, the patch
+mean), `# [ours]` what this file adds (token_dim: the token on its top-K principal directions; the too-wide warning).
+Inputs are checked once, at the entry points (reg_loss, sample): the layers below them never check.
 
 Part A (sections 1-7) is the method: copy it on its own, it never uses Part B. A copier's round trip:
     model = make_model("SiT-B/2", "reg", input_size=32, in_channels=3, num_classes=10)   or  load_model("file.pt")
