@@ -384,7 +384,7 @@ def check_batch(net, x, y, cls=None, feats=None, loss=False):
     refusal names the problem and the fix, where a layer would fail in torch's words or, worse, run on. It reads no
     tensor value on a GPU (that would wait for the device): labels are range-checked where they live on the CPU."""
     cfg = net.cfg
-    weight = next(net.parameters(), x)  # where the model lives, and its dtype (a stand-in without weights: x's)
+    weight = next(net.parameters(), x)  # the model's dtype (a stand-in without weights: x's)
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if not torch.is_tensor(x) or tuple(x.shape[1:]) != expected:
         raise ValueError(f"the model takes x (B, C, H, W) = (B, *{expected}), got {shape_of(x)}: resize or rebuild")
@@ -413,9 +413,6 @@ def check_batch(net, x, y, cls=None, feats=None, loss=False):
         raise ValueError(f"the REG token must be (B, E) = ({B}, {cfg.token_width}), got {shape_of(cls)}")
     if not loss and not cfg.entangled and cls is not None:
         raise ValueError(f"a token {shape_of(cls)} for a model without one ({cfg.token_kind!r}): pass cls=None")
-    devices = {str(v.device) for v in (x, y, cls, *(feats or ())) if torch.is_tensor(v)}
-    if devices != {str(weight.device)}:
-        raise ValueError(f"inputs on {sorted(devices)}, the model on {weight.device}: move them with .to(device)")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x is {x.dtype}, the model {weight.dtype}: pass x.to({weight.dtype}) (or use reg.autocast)")
     if loss and not net.basis_fitted:  # [ours]
@@ -819,9 +816,6 @@ def make_model(preset="SiT-XL/2", method="reg", **overrides):
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(SiTConfig)})
-    if unknown:
-        raise TypeError(f"unknown setting {unknown[0]!r}: SiTConfig's fields are {[f.name for f in fields(SiTConfig)]}")
     settings = {**PRESETS[preset], **METHODS[method], **overrides}
     return SiT(SiTConfig(**settings))
 
@@ -878,35 +872,31 @@ def config_from_state_dict(sd):
     sd = our_names(sd)
     D, C, p, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    if "token_embedder.weight" in sd:
-        token_kind = "cls"
-    elif "learned_token" in sd:
-        token_kind = "learned"
-    else:
-        token_kind = "none"
-    T = sd["pos_embed"].shape[1] - int(token_kind != "none")
     matching = [v for v in PRESETS.values() if (v["depth"], v["hidden_size"], v["patch_size"]) == (depth, D, p)]
     if not matching:
-        raise ValueError(f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
-                         "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model")  # fmt: skip
+        raise ValueError(
+            f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
+            "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model"
+        )
+    token_keys = {"token_embedder.weight": "cls", "learned_token": "learned"}  # the weights each kind of token has
+    token_kind = next((kind for key, kind in token_keys.items() if key in sd), "none")
+    T = sd["pos_embed"].shape[1] - int(token_kind != "none")
+    # E: the token's mean (with token_dim), else the token's head, else the projector's output; DINOv2-B's if none
+    widths = [sd[k].shape[0] for k in ("token_mean", "final_layer.linear_cls.weight", "projector.4.weight") if k in sd]
     repa = "projector.0.weight" in sd
-    token_dim = sd["token_basis"].shape[1] if "token_basis" in sd else 0
-    if "token_mean" in sd:
-        encoder_dim = sd["token_mean"].shape[0]
-    elif token_kind == "cls":
-        encoder_dim = sd["final_layer.linear_cls.weight"].shape[0]
-    elif repa:
-        encoder_dim = sd["projector.4.weight"].shape[0]
-    else:
-        encoder_dim = 768
-    heads = matching[0]["num_heads"]
-    projector_dim = sd["projector.0.weight"].shape[0] if repa else 2048
-    classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-    qk_norm = "blocks.0.attn.q_norm.weight" in sd
-    return SiTConfig(input_size=math.isqrt(T) * p, in_channels=C, patch_size=p, depth=depth, hidden_size=D,
-                     num_heads=heads, num_classes=classes, qk_norm=qk_norm, repa=repa, token_kind=token_kind,
-                     encoder_dim=encoder_dim, encoder_depth=matching[0]["encoder_depth"], projector_dim=projector_dim,
-                     token_dim=token_dim)  # fmt: skip
+    settings = dict(
+        matching[0],  # depth, width, heads, patch, REPA's block
+        input_size=math.isqrt(T) * p,
+        in_channels=C,
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        repa=repa,
+        token_kind=token_kind,
+        encoder_dim=widths[0] if widths else 768,
+        projector_dim=sd["projector.0.weight"].shape[0] if repa else 2048,
+        token_dim=sd["token_basis"].shape[1] if "token_basis" in sd else 0,
+    )
+    return SiTConfig(**settings)
 
 
 def load_weights(model, sd):
@@ -915,9 +905,8 @@ def load_weights(model, sd):
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    common = sorted(set(sd) & set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in common
-              if sd[k].shape != own[k].shape]  # fmt: skip
+    differ = [k for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in differ]
     if missing or unexpected or shapes:
         found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
         problems = "".join(f"\n  {what} ({len(keys)}): {', '.join(keys[:6])}" for what, keys in found if keys)
