@@ -712,6 +712,31 @@ def sampling_times(steps, mode):
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
+def sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, interval):
+    """The sampler's inputs, checked once before its loop -> (y, cls, null_label, (cfg_scale, cls_cfg_scale)). The null
+    label is a SiT's num_classes unless given; y=None samples with it; a SiT's x, y and cls pass check_batch (any other
+    callable's are not checked); cls None becomes a token of width 0, so one loop serves models without one;
+    cls_cfg_scale defaults to cfg_scale; the scales are finite, the guidance interval lies within [0, 1]."""
+    net = unwrap(model)
+    if null_label is None and hasattr(net, "cfg"):
+        null_label = net.cfg.num_classes
+    if y is None and null_label is None:
+        raise ValueError("y=None samples with the null label, which this model does not tell: pass null_label")
+    if y is None:
+        y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
+    if hasattr(net, "cfg"):
+        check_batch(net, x, y, cls)
+    if cls is None:
+        cls = x.new_zeros(x.shape[0], 0)
+    if cls_cfg_scale is None:
+        cls_cfg_scale = cfg_scale
+    check_number("cfg_scale", cfg_scale)
+    check_number("cls_cfg_scale", cls_cfg_scale)
+    check_number("the guidance interval's low end", interval[0], 0, interval[1])
+    check_number("the guidance interval's high end", interval[1], interval[0], 1)
+    return y, cls, null_label, (cfg_scale, cls_cfg_scale)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -731,42 +756,21 @@ def sample(
 ):
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns (x, cls) at t = 0 (cls None without a token).
     mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler' / 'heun': the probability-flow
-    ODE dx/dt = v. CFG where low <= t <= high and either scale differs from 1: each velocity is v_uncond + scale
-    (v_cond - v_uncond), so 1 is conditional and 0 unconditional; cls_cfg_scale defaults to cfg_scale. y=None: the
-    null label; null_label defaults to the model's num_classes. `model`: any callable (x, t, y, cls) -> (v, v_cls, ...).
-    `noise(u)` draws the SDE's noise; `trace` receives (t, clean estimate) per step. The loop never waits for the
-    device: the time grid is copied there once. A SiT's inputs are checked (check_batch); any other callable's not."""
-    net = unwrap(model)
-    if null_label is None:
-        null_label = net.cfg.num_classes if hasattr(net, "cfg") else None
-    if y is None and null_label is None:
-        raise ValueError("y=None samples with the null label, which this model does not tell: pass null_label")
-    if y is None:
-        y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
-    if hasattr(net, "cfg"):
-        check_batch(net, x, y, cls)
-    if cls_cfg_scale is None:
-        cls_cfg_scale = cfg_scale
-    check_number("cfg_scale", cfg_scale)
-    check_number("cls_cfg_scale", cls_cfg_scale)
-    check_number("the guidance interval's low end", interval[0], 0, interval[1])
-    check_number("the guidance interval's high end", interval[1], interval[0], 1)
-    dtype = x.dtype  # the model's input dtype
-    if state_dtype is None:
-        state_dtype = torch.float64 if x.device.type == "cpu" else torch.float32  # float64 is slow on GPUs
+    ODE dx/dt = v. CFG where low <= t <= high (interval) and a scale differs from 1: each velocity is v_uncond + scale
+    (v_cond - v_uncond), so 1 is conditional and 0 unconditional. `model`: any callable (x, t, y, cls) -> (v, v_cls,
+    ...); `noise(u)` draws the SDE's noise; `trace` receives (t, clean estimate) per step. The loop never waits for the
+    device: the time grid is copied there once."""
     has_token = cls is not None  # [REG]
-    if not has_token:
-        cls = x.new_zeros(x.shape[0], 0)  # a token of width 0: the same loop serves models without one
+    y, cls, null_label, scales = sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, interval)
+    dtype = x.dtype  # the model's input dtype
+    state_dtype = state_dtype or (torch.float64 if x.device.type == "cpu" else torch.float32)  # float64: slow on GPUs
     x = x.to(state_dtype)  # (B, C, H, W)
     cls = cls.to(state_dtype)  # [REG] (B, E)
     grid = sampling_times(steps, mode)  # checks mode and steps first
     times = grid.tolist()  # the loop's control flow, on the host
     times_on_device = grid.to(x.device)  # the model's t, copied once
-    scales = (cfg_scale, cls_cfg_scale)
-    guided = cfg_scale != 1.0 or cls_cfg_scale != 1.0
-    for i in range(steps):
-        t = times[i]
-        t_next = times[i + 1]
+    guided = scales != (1.0, 1.0)
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t  # < 0: from noise to data
         last = i == steps - 1
         guide = guided and interval[0] <= t <= interval[1]
