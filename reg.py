@@ -15,7 +15,10 @@ Time convention (used everywhere below): t = 0 is data, t = 1 is noise;  x_t = a
 Shape legend: B batch, C channels, H W image side, p patch, T = HW/p^2 patch tokens, D width, E encoder width.
 Names: `cond` the adaLN conditioning (time + label), `cls` / `cls_t` / `v_cls` the REG token / noised / its velocity,
 `feats` the frozen encoder's output (class token, patch tokens), `x_t` / `v` the noised image / its velocity.
-Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what REG adds to SiT+REPA.
+Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what the REG paper adds to SiT+REPA (grep it
+to read the paper's delta, the joint loss included), `# [ablation]` the paper's ablations (a learned token, the patch
+mean), `# [ours]` what this file adds (token_dim: the token on its top-K principal directions; the too-wide warning).
+Inputs are checked once, at the entry points (reg_loss, sample): the layers below them never check.
 
 Part A (sections 1-7) is the method: copy it on its own, it never uses Part B. A copier's round trip:
     model = make_model("SiT-B/2", "reg", input_size=32, in_channels=3, num_classes=10)   or  load_model("file.pt")
@@ -211,7 +214,7 @@ class SiTConfig:
     token_dim: int = 0  # K, the token's width: 0 = E (the paper); ours: K < E keeps its top-K principal directions
 
     @property
-    def token_width(self):  # [REG] the width of the token the model denoises: K, or E
+    def token_width(self):  # [ours] the width of the token the model denoises: K with token_dim, else E (the paper)
         return self.token_dim or self.encoder_dim
 
     @property
@@ -247,8 +250,8 @@ class SiT(nn.Module):
         if cfg.entangled:  # [REG]
             self.token_embedder = nn.Linear(cfg.token_width, D)  # [REG] W_cls: E -> D
             self.token_norm = nn.LayerNorm(D, eps=1e-6)  # [REG] LayerNorm with affine
-        if cfg.token_kind == "learned":  # [REG]
-            self.learned_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)  # [REG] ablation: a learnable token
+        if cfg.token_kind == "learned":  # [ablation]
+            self.learned_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)  # [ablation] a learnable token
         pos = torch.cat([torch.zeros(slots, D), sincos_pos_embed(D, cfg.grid)])  # [REG] a zero row for the token slot
         self.pos_embed = nn.Parameter(pos[None], requires_grad=False)  # (1, slots+T, D)
         self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
@@ -256,14 +259,16 @@ class SiT(nn.Module):
             P = cfg.projector_dim  # [REPA]
             mlp = [nn.Linear(D, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(), nn.Linear(P, E)]  # [REPA] D -> P -> P -> E
             self.projector = nn.Sequential(*mlp)  # [REPA] h_phi
-        if cfg.entangled and cfg.token_dim:  # [REG] ours: the token on its top-K principal directions
-            self.register_buffer("token_mean", torch.zeros(E))  # [REG] (E,) set by set_token_basis
-            self.register_buffer("token_basis", torch.zeros(E, cfg.token_dim))  # [REG] (E, K) orthonormal columns
+        self.basis_fitted = not (cfg.entangled and cfg.token_dim)  # [ours] reg_loss refuses a basis never fitted
+        if cfg.entangled and cfg.token_dim:  # [ours] the token on its top-K principal directions
+            self.register_buffer("token_mean", torch.zeros(E))  # [ours] (E,) set by set_token_basis
+            self.register_buffer("token_basis", torch.zeros(E, cfg.token_dim))  # [ours] (E, K) orthonormal columns
+            self.register_load_state_dict_post_hook(basis_loaded)  # [ours] loaded weights bring their basis
         token_dim = cfg.token_width if cfg.entangled else None  # [REG]
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_dim, slots)  # [REG] both heads
         self.initialize_weights()
-        if cfg.entangled and cfg.token_width > D:  # [REG]
-            warnings.warn(  # [REG]
+        if cfg.entangled and cfg.token_width > D:  # [ours]
+            warnings.warn(  # [ours]
                 f"the REG token is {cfg.token_width} wide but the model only {D}: at most {D} of its directions pass "
                 "through the model, so its velocity cannot be learned. Use a wider model, a narrower encoder, or "
                 f"token_dim <= {D} (train_cifar.py --token-dim: the token on its top principal directions)",
@@ -274,17 +279,26 @@ class SiT(nn.Module):
         """The token this model denoises (B, K or E): token_target, on the top-K directions when token_dim is set."""
         return self.project_token(token_target(self.cfg, feats))  # [REG]
 
-    def project_token(self, cls):  # [REG]
+    def project_token(self, cls):  # [ours]
         """An encoder token (B, E) -> the token this model denoises: (cls - mean) @ basis (B, K) with token_dim."""
-        if not self.cfg.token_dim:  # [REG] the paper: the whole token
-            return cls  # [REG]
-        return (cls.float() - self.token_mean) @ self.token_basis  # [REG] (B, K)
+        if not self.cfg.token_dim:  # [ours] the paper: the whole token
+            return cls  # [ours]
+        return (cls.float() - self.token_mean) @ self.token_basis  # [ours] (B, K)
 
-    def set_token_basis(self, tokens):  # [REG]
-        """Fit the projection of token_dim to encoder tokens (N, E): their mean and top principal directions."""
-        mean, basis = principal_directions(tokens, self.cfg.token_dim)  # [REG]
-        self.token_mean.copy_(mean)  # [REG]
-        self.token_basis.copy_(basis)  # [REG]
+    def set_token_basis(self, tokens):  # [ours]
+        """Fit the projection of token_dim to encoder tokens (N, E), N > K: their mean and top principal directions."""
+        if not hasattr(self, "token_basis"):  # [ours]
+            raise ValueError(
+                "this model has no token basis: build it with token_dim=K and a method with an encoder token"
+            )
+        mean, basis = principal_directions(tokens, self.cfg.token_dim)  # [ours]
+        if mean.shape != self.token_mean.shape:  # [ours]
+            raise ValueError(
+                f"tokens (N, {len(mean)}), the model's are (N, E = {self.cfg.encoder_dim}): pass its encoder's"
+            )
+        self.token_mean.copy_(mean)  # [ours]
+        self.token_basis.copy_(basis)  # [ours]
+        self.basis_fitted = True  # [ours]
 
     def initialize_weights(self):
         for m in self.modules():
@@ -307,16 +321,16 @@ class SiT(nn.Module):
 
     def forward(self, x, t, y, cls=None):
         """x (B, C, H, W), t (B,), y (B,), cls (B, E) the noised token -> (v (B, C, H, W), v_cls (B, E), z_hat (B, N, E)).
-        v_cls is None without an entangled token; z_hat is None outside training or without REPA."""
+        v_cls is None without an entangled token; z_hat is None outside training or without REPA. It checks nothing:
+        the entry points (reg_loss, sample) check their inputs once, with check_batch."""
         cfg = self.cfg
-        check_inputs(cfg, x, y, cls)
         B = x.shape[0]
         h = self.x_embedder(x)  # (B, T, D)
         if cfg.entangled:  # [REG]
             cls_token = self.token_norm(self.token_embedder(cls))  # [REG] (B, D)
             h = torch.cat([cls_token[:, None], h], dim=1)  # [REG] (B, 1+T, D)
-        if cfg.token_kind == "learned":  # [REG]
-            h = torch.cat([self.learned_token.expand(B, -1, -1), h], dim=1)  # [REG] (B, 1+T, D)
+        if cfg.token_kind == "learned":  # [ablation]
+            h = torch.cat([self.learned_token.expand(B, -1, -1), h], dim=1)  # [ablation] (B, 1+T, D)
         h = h + self.pos_embed  # (B, N, D), N = slots+T
         cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         z_hat = None  # [REPA]
@@ -329,8 +343,18 @@ class SiT(nn.Module):
         return v, v_cls, z_hat
 
 
+def basis_loaded(model, incompatible_keys):  # [ours]
+    """After load_state_dict: loaded weights bring the basis they were trained with."""
+    model.basis_fitted = True  # [ours]
+
+
 def check_config(cfg):
     """Refuse a config that cannot build a model, with the reason in words."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = (int, float) if f.type is float else f.type  # mlp_ratio may be written 4
+        if not isinstance(value, kinds) or (f.type in (int, float) and f.name != "token_dim" and value <= 0):
+            raise ValueError(f"SiTConfig.{f.name} must be a positive {f.type.__name__}, got {value!r}")
     if cfg.token_kind not in TOKEN_KINDS:
         raise ValueError(f"unknown token kind {cfg.token_kind!r}: use one of {', '.join(TOKEN_KINDS)}")
     if cfg.input_size % cfg.patch_size:
@@ -343,18 +367,62 @@ def check_config(cfg):
         raise ValueError(f"encoder_depth {cfg.encoder_depth} must lie in 1..depth ({cfg.depth})")
 
 
-def check_inputs(cfg, x, y, cls):
-    """Refuse inputs of the wrong shape, and labels out of range, before they reach a layer (whose error would not name
-    the cause). The label check reads y only where it lives on the CPU: on a GPU it would wait for the queue."""
+def shape_of(value):
+    """A tensor's shape, or the name of what was passed instead (a list, None), for the refusals' messages."""
+    return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+
+def check_number(name, value, low=-math.inf, high=math.inf):
+    """Refuse an argument that is no finite real number from low to high (NaN, inf, a string, a tensor)."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be a finite number from {low} to {high}, got {value!r}")
+
+
+def check_batch(net, x, y, cls=None, feats=None, loss=False):
+    """The one check of what a caller passes to the entry points, reg_loss (`feats`, loss=True) and sample (`cls`): each
+    refusal names the problem and the fix, where a layer would fail in torch's words or, worse, run on. It reads no
+    tensor value on a GPU (that would wait for the device): labels are range-checked where they live on the CPU."""
+    cfg = net.cfg
+    weight = next(net.parameters(), x)  # the model's dtype (a stand-in without weights: x's)
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    if tuple(x.shape[1:]) != expected:
-        raise ValueError(f"the model takes (B, C, H, W) = (B, *{expected}), got {tuple(x.shape)}: resize or rebuild")
-    if y.device.type == "cpu" and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= cfg.num_classes:
-        raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1} ({cfg.num_classes} = the null label of CFG), "
-                         f"got {int(y.min())}..{int(y.max())}: build the model with num_classes to match the data")  # fmt: skip
-    if cfg.entangled and (cls is None or tuple(cls.shape) != (x.shape[0], cfg.token_width)):  # [REG]
-        got = None if cls is None else tuple(cls.shape)  # [REG]
-        raise ValueError(f"the REG token must be (B, E) = ({x.shape[0]}, {cfg.token_width}), got {got}")  # [REG]
+    if not torch.is_tensor(x) or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"the model takes x (B, C, H, W) = (B, *{expected}), got {shape_of(x)}: resize or rebuild")
+    B = len(x)
+    if shape_of(y) != (B,) or y.dtype not in (torch.int64, torch.int32):
+        got = f"{y.dtype} {shape_of(y)}" if torch.is_tensor(y) else shape_of(y)
+        raise TypeError(f"labels y must be an integer tensor (B,) = ({B},), got {got}: pass torch.tensor(labels)")
+    if y.device.type == "cpu" and B and not 0 <= int(y.min()) <= int(y.max()) <= cfg.num_classes:
+        got = f"{int(y.min())}..{int(y.max())}"
+        raise ValueError(
+            f"labels must lie in 0..{cfg.num_classes - 1} ({cfg.num_classes} = the null label of CFG), got {got}: "
+            "build the model with num_classes to match the data"
+        )
+    if loss and cfg.needs_encoder and not (isinstance(feats, (tuple, list)) and len(feats) == 2):
+        raise ValueError("this method needs the frozen encoder's features: pass feats=(cls, patches)")
+    needs_cls = loss and cfg.token_kind in ("cls", "learned")  # the token, or what the learned slot aligns with
+    needs_patches = loss and (cfg.repa or cfg.token_kind == "mean")
+    if needs_patches and feats[1] is None:
+        raise ValueError("this method aligns or averages the patch tokens: pass feats=(cls, patches), not (cls, None)")
+    if needs_cls and shape_of(feats[0]) != (B, cfg.encoder_dim):
+        raise ValueError(f"class token {shape_of(feats[0])}, not (B, E) = ({B}, {cfg.encoder_dim}): set encoder_dim")
+    if needs_patches and shape_of(feats[1]) != (B, cfg.grid**2, cfg.encoder_dim):
+        need = (B, cfg.grid**2, cfg.encoder_dim)
+        raise ValueError(f"patch tokens {shape_of(feats[1])}, the SiT grid needs (B, T, E) = {need}: set the grid")
+    if not loss and cfg.entangled and shape_of(cls) != (B, cfg.token_width):  # [REG]
+        raise ValueError(f"the REG token must be (B, E) = ({B}, {cfg.token_width}), got {shape_of(cls)}")
+    if not loss and not cfg.entangled and cls is not None:
+        raise ValueError(f"a token {shape_of(cls)} for a model without one ({cfg.token_kind!r}): pass cls=None")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x is {x.dtype}, the model {weight.dtype}: pass x.to({weight.dtype}) (or use reg.autocast)")
+    if loss and not net.basis_fitted:  # [ours]
+        raise ValueError("token_dim without a basis: the token would be 0. Call model.set_token_basis(encoder tokens)")
+    eval_mode = loss and cfg.repa and not net.training
+    if eval_mode and torch.is_grad_enabled() and any(p.requires_grad for p in net.parameters()):
+        raise ValueError(
+            "the model is in eval mode (as load_model returns it): REPA's projection is off and align would be 0. "
+            "Call model.train() to train it; compute a validation loss under torch.no_grad()"
+        )
 
 
 # 3. Frozen encoder (REPA Sec. 3): class token and patch tokens on the SiT token grid ----------------------------------
@@ -370,6 +438,9 @@ ENCODERS = {
 
 class FrozenEncoder(nn.Module):
     """A frozen timm model that maps images (uint8 or [-1, 1]) to feats = (class token (B, E), patches (B, grid^2, E)).
+    Float images are read as [-1, 1]: beyond it (0..255 floats) they are refused where they live on the CPU; on a GPU
+    nothing is read (that would wait for the device: pass uint8 there). ToTensor's [0, 1] looks like a bright [-1, 1]
+    image, a valid input, so it is not refused: pass images * 2 - 1.
     A ViT sees images resized so that its patch grid is the SiT grid; a CNN `size` px (default: its own), its map
     resampled to the grid and its pooled vector playing the class token. Patches are in row-major grid order, as the
     SiT's tokens: an own feature map (B, E, g, g) fits as rearrange(f, "b e h w -> b (h w) e")."""
@@ -402,11 +473,9 @@ class FrozenEncoder(nn.Module):
         if images.dtype == torch.uint8:
             x = images.float() / 255  # (B, 3, H, W) in [0, 1]
         else:
-            low, high = torch.aminmax(images.detach().float())  # a [0, 1] tensor (ToTensor's) would pass, darker
-            if low < -1.01 or high > 1.01 or low >= 0:
-                raise ValueError(f"float images must lie in [-1, 1] (or be uint8), got [{low:.3g}, {high:.3g}]: for "
-                                 "ToTensor's [0, 1] pass images * 2 - 1")  # fmt: skip
-            x = (images.float() + 1) / 2
+            x = (images.float() + 1) / 2  # (B, 3, H, W) from [-1, 1]
+        if images.is_floating_point() and images.device.type == "cpu" and (x - 0.5).abs().amax() > 0.505:
+            raise ValueError("float images must lie in [-1, 1] (or be uint8): for 0..255 pass images.to(torch.uint8)")
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
@@ -450,14 +519,19 @@ def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--e
     return FrozenEncoder(net, grid, size).to(device)
 
 
-def principal_directions(tokens, k):  # [REG]
-    """Tokens (N, E) -> (mean (E,), the top-k eigenvectors of their covariance (E, k), by decreasing variance)."""
-    tokens = tokens.double()  # [REG]
-    mean = tokens.mean(0)  # [REG] (E,)
-    variances, vectors = torch.linalg.eigh(torch.cov(tokens.T))  # [REG] ascending
-    basis = vectors.flip(1)[:, :k]  # [REG] (E, k), largest variance first
-    signs = basis.gather(0, basis.abs().argmax(0, keepdim=True)).sign()  # [REG] (1, k) largest entry positive
-    return mean.float(), (basis * signs).float()  # [REG]
+def principal_directions(tokens, k):  # [ours]
+    """Tokens (N, E) -> (mean (E,), the top-k eigenvectors of their covariance (E, k), by decreasing variance). N tokens
+    span at most N - 1 directions with variance: fewer than k + 1 would leave directions that carry nothing."""
+    if not torch.is_tensor(tokens) or tokens.dim() != 2 or not 1 <= k < len(tokens):  # [ours]
+        raise ValueError(f"tokens (N, E) with N > k = {k}, got {shape_of(tokens)}: more images, or a smaller token_dim")
+    if not tokens.isfinite().all():  # [ours]
+        raise ValueError("the tokens are not all finite: check the encoder's input")
+    tokens = tokens.double()  # [ours]
+    mean = tokens.mean(0)  # [ours] (E,)
+    variances, vectors = torch.linalg.eigh(torch.cov(tokens.T))  # [ours] ascending
+    basis = vectors.flip(1)[:, :k]  # [ours] (E, k), largest variance first
+    signs = basis.gather(0, basis.abs().argmax(0, keepdim=True)).sign()  # [ours] (1, k) largest entry positive
+    return mean.float(), (basis * signs).float()  # [ours]
 
 
 def token_target(cfg, feats):  # [REG]
@@ -503,14 +577,30 @@ def unwrap(model):
     return model
 
 
-def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighting="uniform", label_dropout=0.1,
-             t=None, noise=None):  # fmt: skip
+def reg_loss(
+    model,
+    x,
+    y,
+    feats=None,
+    beta=0.03,
+    lam=0.5,
+    path="linear",
+    weighting="uniform",
+    label_dropout=0.1,
+    t=None,
+    noise=None,
+):
     """x (B, C, H, W) clean input, y (B,) labels, feats = (class token (B, E), patch tokens (B, T, E), row-major over
     the SiT grid) of the frozen encoder; reg-noalign needs only the class token: (cls, None). Returns a dict of
     scalars: loss (what to backpropagate), denoise, denoise_cls, align. `t` (B,) and `noise` = (eps, eps_cls) fix the
-    draws (loss_per_t_bin). A model in eval mode has no REPA projection: align is 0 (a validation loss)."""
-    cfg = unwrap(model).cfg
-    check_feats(cfg, feats)
+    draws (loss_per_t_bin). The features' targets are detached: no gradient reaches an encoder, frozen or not. A model
+    in eval mode has no REPA projection, so align is 0: a validation loss, under torch.no_grad() (else refused)."""
+    net = unwrap(model)  # the SiT inside DDP or torch.compile; the call below goes through `model`
+    cfg = net.cfg
+    check_batch(net, x, y, feats=feats, loss=True)
+    check_number("beta", beta, 0)
+    check_number("lam", lam, 0)
+    check_number("label_dropout", label_dropout, 0, 1)
     B = x.shape[0]
     if t is None:
         t = sample_time(B, weighting, path, x.device)  # (B,)
@@ -522,7 +612,7 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighti
     v = d_alpha.view(B, 1, 1, 1) * x + d_sigma.view(B, 1, 1, 1) * eps  # (B, C, H, W)
     cls_t = None  # [REG]
     if cfg.entangled:  # [REG]
-        cls = unwrap(model).token_of(feats)  # [REG] (B, E)
+        cls = net.token_of(feats).detach()  # [REG] (B, E)
         eps_cls = torch.randn_like(cls) if eps_cls is None else eps_cls  # [REG] its own noise, the same t
         cls_t = alpha[:, None] * cls + sigma[:, None] * eps_cls  # [REG] (B, E)
         v_cls = d_alpha[:, None] * cls + d_sigma[:, None] * eps_cls  # [REG] (B, E)
@@ -532,13 +622,13 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, path="linear", weighti
     denoise = (v_hat.float() - v).pow(2).mean()
     denoise_cls = x.new_zeros(())
     align = x.new_zeros(())
-    if cfg.entangled:  # [REG]
+    if v_cls_hat is not None:  # [REG]
         denoise_cls = (v_cls_hat.float() - v_cls).pow(2).mean()  # [REG]
     if z_hat is not None:  # [REPA] training mode
-        z = alignment_target(cfg, feats)  # [REPA] (B, N, E)
+        z = alignment_target(cfg, feats).detach()  # [REPA] (B, N, E)
         similarity = F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)  # [REPA] (B, N, E)
         align = -similarity.sum(-1).mean()  # [REPA] mean over tokens of -cos
-    loss = denoise + beta * denoise_cls + lam * align
+    loss = denoise + beta * denoise_cls + lam * align  # [REG] the joint loss: REPA's, plus beta x the token's
     return dict(loss=loss, denoise=denoise, denoise_cls=denoise_cls, align=align)
 
 
@@ -551,24 +641,16 @@ def alignment_target(cfg, feats):  # [REPA]
     return enc_patches  # [REPA] (B, T, E)
 
 
-def check_feats(cfg, feats):
-    """Refuse missing or misshapen encoder features, naming the fix."""
-    needs_patches = cfg.repa or cfg.token_kind == "mean"
-    if cfg.needs_encoder and (feats is None or len(feats) != 2):
-        raise ValueError("this method needs the frozen encoder's features: pass feats=(cls, patches)")
-    if needs_patches and feats[1] is None:
-        raise ValueError("this method aligns or averages the patch tokens: pass feats=(cls, patches), not (cls, None)")
-    if cfg.entangled and tuple(feats[0].shape[1:]) != (cfg.encoder_dim,):
-        raise ValueError(f"class token {tuple(feats[0].shape)}: build the model with encoder_dim = its width")
-    need = (cfg.grid**2, cfg.encoder_dim)
-    if needs_patches and tuple(feats[1].shape[1:]) != need:
-        raise ValueError(f"patch tokens {tuple(feats[1].shape[1:])}, the SiT grid needs (T, E) = {need}: set the grid")
-
-
 @torch.no_grad()
 def ema_update(ema, model, decay=0.9999):
-    """ema <- decay * ema + (1 - decay) * model, every step (the release's EMA)."""
-    pairs = [(e, m) for e, m in zip(ema.parameters(), unwrap(model).parameters()) if m.requires_grad]
+    """ema <- decay * ema + (1 - decay) * model over what `model` trains, every step (the release's EMA). `model` may be
+    wrapped (DDP, torch.compile): a wrapper's parameters are its model's."""
+    check_number("decay", decay, 0, 1)
+    pairs = [(e, m) for e, m in zip(ema.parameters(), model.parameters()) if m.requires_grad]
+    if not pairs or any(e.shape != m.shape for e, m in pairs):
+        raise ValueError(
+            "ema_update(ema, model): pass a copy of the model (copy.deepcopy) first, then the trained model"
+        )
     ema_params = [e for e, _ in pairs]
     model_params = [m for _, m in pairs]
     torch._foreach_lerp_(ema_params, model_params, 1 - decay)
@@ -630,50 +712,65 @@ def sampling_times(steps, mode):
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
-def sampling_labels(model, x, y, null_label):
-    """The null label (the model's num_classes unless given) and the labels: y=None samples without a label (the null
-    label); labels outside 0..null_label are refused (one check, before the loop)."""
-    cfg = getattr(unwrap(model), "cfg", None)
-    if null_label is None and cfg is not None:
-        null_label = cfg.num_classes
+def sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, interval):
+    """The sampler's inputs, checked once before its loop -> (y, cls, null_label, (cfg_scale, cls_cfg_scale)). The null
+    label is a SiT's num_classes unless given; y=None samples with it; a SiT's x, y and cls pass check_batch (any other
+    callable's are not checked); cls None becomes a token of width 0, so one loop serves models without one;
+    cls_cfg_scale defaults to cfg_scale; the scales are finite, the guidance interval lies within [0, 1]."""
+    net = unwrap(model)
+    if null_label is None and hasattr(net, "cfg"):
+        null_label = net.cfg.num_classes
     if y is None and null_label is None:
         raise ValueError("y=None samples with the null label, which this model does not tell: pass null_label")
     if y is None:
         y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
-    if null_label is not None and len(y) and not 0 <= int(y.min()) <= int(y.max()) <= null_label:
-        raise ValueError(f"labels must lie in 0..{null_label} (the null label), got {int(y.min())}..{int(y.max())}")
-    return y, null_label
+    if hasattr(net, "cfg"):
+        check_batch(net, x, y, cls)
+    if cls is None:
+        cls = x.new_zeros(x.shape[0], 0)
+    if cls_cfg_scale is None:
+        cls_cfg_scale = cfg_scale
+    check_number("cfg_scale", cfg_scale)
+    check_number("cls_cfg_scale", cls_cfg_scale)
+    check_number("the guidance interval's low end", interval[0], 0, interval[1])
+    check_number("the guidance interval's high end", interval[1], interval[0], 1)
+    return y, cls, null_label, (cfg_scale, cls_cfg_scale)
 
 
 @torch.no_grad()
-def sample(model, x, y=None, cls=None, steps=250, mode="sde", cfg_scale=1.0, cls_cfg_scale=None, interval=(0.0, 1.0),
-           null_label=None, path="linear", state_dtype=None, noise=torch.randn_like, trace=None):  # fmt: skip
+def sample(
+    model,
+    x,
+    y=None,
+    cls=None,
+    steps=250,
+    mode="sde",
+    cfg_scale=1.0,
+    cls_cfg_scale=None,
+    interval=(0.0, 1.0),
+    null_label=None,
+    path="linear",
+    state_dtype=None,
+    noise=torch.randn_like,
+    trace=None,
+):
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns (x, cls) at t = 0 (cls None without a token).
     mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler' / 'heun': the probability-flow
-    ODE dx/dt = v. CFG where low <= t <= high and either scale differs from 1: each velocity is v_uncond + scale
-    (v_cond - v_uncond), so 1 is conditional and 0 unconditional; cls_cfg_scale defaults to cfg_scale. y=None: the
-    null label; null_label defaults to the model's num_classes. `model`: any callable (x, t, y, cls) -> (v, v_cls, ...).
-    `noise(u)` draws the SDE's noise; `trace` receives (t, clean estimate) per step. The loop never waits for the
+    ODE dx/dt = v. CFG where low <= t <= high (interval) and a scale differs from 1: each velocity is v_uncond + scale
+    (v_cond - v_uncond), so 1 is conditional and 0 unconditional. `model`: any callable (x, t, y, cls) -> (v, v_cls,
+    ...); `noise(u)` draws the SDE's noise; `trace` receives (t, clean estimate) per step. The loop never waits for the
     device: the time grid is copied there once."""
-    y, null_label = sampling_labels(model, x, y, null_label)
-    dtype = x.dtype  # the model's input dtype
-    if state_dtype is None:
-        state_dtype = torch.float64 if x.device.type == "cpu" else torch.float32  # float64 is slow on GPUs
-    if cls_cfg_scale is None:
-        cls_cfg_scale = cfg_scale
     has_token = cls is not None  # [REG]
-    if not has_token:
-        cls = x.new_zeros(x.shape[0], 0)  # a token of width 0: the same loop serves models without one
+    y, cls, null_label, scales = sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, interval)
+    dtype = x.dtype  # the model's input dtype
+    state_dtype = state_dtype or (torch.float64 if x.device.type == "cpu" else torch.float32)  # float64: slow on GPUs
     x = x.to(state_dtype)  # (B, C, H, W)
     cls = cls.to(state_dtype)  # [REG] (B, E)
     grid = sampling_times(steps, mode)  # checks mode and steps first
     times = grid.tolist()  # the loop's control flow, on the host
     times_on_device = grid.to(x.device)  # the model's t, copied once
-    scales = (cfg_scale, cls_cfg_scale)
-    guided = cfg_scale != 1.0 or cls_cfg_scale != 1.0
-    for i in range(steps):
-        t = times[i]
-        t_next = times[i + 1]
+    guided = scales != (1.0, 1.0)
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t  # < 0: from noise to data
         last = i == steps - 1
         guide = guided and interval[0] <= t <= interval[1]
@@ -693,8 +790,9 @@ def sample(model, x, y=None, cls=None, steps=250, mode="sde", cfg_scale=1.0, cls
             cls_next = cls_next + math.sqrt(2 * t * abs(dt)) * noise(cls_next)  # [REG]
         if mode == "heun" and not last:  # Heun: the average of the slopes at t and t_next
             t_state_next = times_on_device[i + 1].to(state_dtype)
-            v_next, v_cls_next = guided_velocity(model, x_next, cls_next, t_state_next, y, null_label, *scales, guide,
-                                                 dtype)  # fmt: skip
+            v_next, v_cls_next = guided_velocity(
+                model, x_next, cls_next, t_state_next, y, null_label, *scales, guide, dtype
+            )
             x_next = x + dt * ((drift + v_next) / 2)
             cls_next = cls + dt * ((drift_cls + v_cls_next) / 2)  # [REG]
         x = x_next
@@ -778,35 +876,31 @@ def config_from_state_dict(sd):
     sd = our_names(sd)
     D, C, p, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    if "token_embedder.weight" in sd:
-        token_kind = "cls"
-    elif "learned_token" in sd:
-        token_kind = "learned"
-    else:
-        token_kind = "none"
-    T = sd["pos_embed"].shape[1] - int(token_kind != "none")
     matching = [v for v in PRESETS.values() if (v["depth"], v["hidden_size"], v["patch_size"]) == (depth, D, p)]
     if not matching:
-        raise ValueError(f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
-                         "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model")  # fmt: skip
+        raise ValueError(
+            f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
+            "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model"
+        )
+    token_keys = {"token_embedder.weight": "cls", "learned_token": "learned"}  # the weights each kind of token has
+    token_kind = next((kind for key, kind in token_keys.items() if key in sd), "none")
+    T = sd["pos_embed"].shape[1] - int(token_kind != "none")
+    # E: the token's mean (with token_dim), else the token's head, else the projector's output; DINOv2-B's if none
+    widths = [sd[k].shape[0] for k in ("token_mean", "final_layer.linear_cls.weight", "projector.4.weight") if k in sd]
     repa = "projector.0.weight" in sd
-    token_dim = sd["token_basis"].shape[1] if "token_basis" in sd else 0
-    if "token_mean" in sd:
-        encoder_dim = sd["token_mean"].shape[0]
-    elif token_kind == "cls":
-        encoder_dim = sd["final_layer.linear_cls.weight"].shape[0]
-    elif repa:
-        encoder_dim = sd["projector.4.weight"].shape[0]
-    else:
-        encoder_dim = 768
-    heads = matching[0]["num_heads"]
-    projector_dim = sd["projector.0.weight"].shape[0] if repa else 2048
-    classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-    qk_norm = "blocks.0.attn.q_norm.weight" in sd
-    return SiTConfig(input_size=math.isqrt(T) * p, in_channels=C, patch_size=p, depth=depth, hidden_size=D,
-                     num_heads=heads, num_classes=classes, qk_norm=qk_norm, repa=repa, token_kind=token_kind,
-                     encoder_dim=encoder_dim, encoder_depth=matching[0]["encoder_depth"], projector_dim=projector_dim,
-                     token_dim=token_dim)  # fmt: skip
+    settings = dict(
+        matching[0],  # depth, width, heads, patch, REPA's block
+        input_size=math.isqrt(T) * p,
+        in_channels=C,
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        repa=repa,
+        token_kind=token_kind,
+        encoder_dim=widths[0] if widths else 768,
+        projector_dim=sd["projector.0.weight"].shape[0] if repa else 2048,
+        token_dim=sd["token_basis"].shape[1] if "token_basis" in sd else 0,
+    )
+    return SiTConfig(**settings)
 
 
 def load_weights(model, sd):
@@ -815,9 +909,8 @@ def load_weights(model, sd):
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    common = sorted(set(sd) & set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in common
-              if sd[k].shape != own[k].shape]  # fmt: skip
+    differ = [k for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in differ]
     if missing or unexpected or shapes:
         found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
         problems = "".join(f"\n  {what} ({len(keys)}): {', '.join(keys[:6])}" for what, keys in found if keys)
@@ -830,6 +923,7 @@ def load_weights(model, sd):
 def load_checkpoint(path):
     """A checkpoint file's contents: torch.load safely (weights_only; the release's pickled argparse.Namespace is
     allowed as data), or a .safetensors file as dict(ema=weights, config=...) (the config from its metadata)."""
+    path = os.fspath(path)  # a str or a pathlib.Path
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist (or is a folder): pass a file, e.g. a run's NNNNNNN.pt")
     try:
@@ -867,7 +961,10 @@ def load_model(path, weights="ema"):
 def save_model(path, model):
     """Weights with their config in one file, atomically: .pt = dict(ema=weights, config), or .safetensors with the
     config in its metadata. load_model reads both back."""
+    path = os.fspath(path)  # a str or a pathlib.Path
     net = unwrap(model)
+    if not isinstance(net, SiT):
+        raise TypeError(f"save_model saves a SiT (make_model, load_model), got {type(net).__name__}")
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     config = asdict(net.cfg)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -9,9 +9,11 @@ Sample a REG / SiT checkpoint (ours, the official release, a bare state dict or 
   python sample.py last.pt --npz --num-samples 10000 --fd-ref ref.npz --encoder dinov2-b  # FD_DINOv2, consistency
   python sample.py runs/in256/0400000.pt --export SiT-B-2-REG.pt       # our EMA weights in the release's layout
 
-The grid (default): grid.png in --out, a row per label (--labels 1 2 3, default the first 10 classes), --per-row
-samples each, then a samples/s line (reg.speed: with the MFU on known GPUs). Latent models (4 channels) decode
-through the SD-VAE: --vae, else the one the checkpoint names (train_imagenet.py's), else ema (the paper's).
+The grid (default): grid.png in --out, a row per label (--labels 1 2 3, default the first 10 classes) named on its
+left (the class names a checkpoint stores in its args, else the label), --per-row samples each, gaps between them. A
+progress bar counts the sampler's steps; a closing line says what was written where. Latent models (4 channels) decode
+through the SD-VAE: --vae, else the one the checkpoint names (train_imagenet.py's), else ema (the paper's). Samples
+that are not finite (a huge --cfg-scale) are refused before anything is written.
 
 --npz: samples_N.npz for the ADM evaluator (arr_0: uint8 (N, H, W, 3); with --encoder also `cos`, each sample's
 token consistency); sample i has label i % K (or the i % n-th of --labels). It is written through shard files of
@@ -36,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import reg
 
@@ -46,6 +49,7 @@ PAPER = dict(sampler="sde", sample_steps=250, cfg_scale=2.3, cls_cfg_scale=2.3, 
 # shard size or device: no sample depends on them, so a run may resume with others.
 SAMPLE_FLAGS = ("sampler", "sample_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high", "seed")
 SAMPLE_FLAGS += ("labels", "labels_random", "vae", "precision", "tf32", "uint8", "encoder", "encoder_weights")
+GAP = 2  # pixels between the grid's tiles
 
 
 def check(ok, message):
@@ -74,18 +78,31 @@ def draw_labels(indices, labels, seed, random_draw):
     return [labels[i % len(labels)] for i in indices]
 
 
+class StepBar:
+    """reg.sample's `trace`, read for its calls alone: the progress bar advances one sampler step per call."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def append(self, step):
+        self.bar.update(1)
+
+
 def generate(model, vae, encoder, indices, args, device):
     """Samples `indices` -> uint8 images (n, H, W, 3) and, given an encoder, REG's token consistency (n,) or None:
     the cosine between the token the model generated with an image and the token it would be given for that image
     (model.token_of: the encoder's class token or patch mean, projected when the model has a token_dim).
-    Sample i's generator draws its start image, then its start token, then its SDE noise step by step."""
+    Sample i's generator draws its start image, then its start token, then its SDE noise step by step. Non-finite
+    samples (a huge --cfg-scale) end the run before they are written."""
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
     width = model.cfg.token_width if model.cfg.entangled else 0  # [REG] reg.sample: a token of width 0 stands for none
     interval = (args.guidance_low, args.guidance_high)
     sampling = (args.sample_steps, args.sampler, args.cfg_scale, args.cls_cfg_scale, interval)
     images = []
     cosines = []
-    for start in range(0, len(indices), args.batch_size):
+    batches = range(0, len(indices), args.batch_size)
+    bar = tqdm(total=len(batches) * args.sample_steps, desc=f"{len(indices)} samples", unit="step", leave=False)
+    for start in batches:
         batch = indices[start : start + args.batch_size]
         # sample i's own generator, seeded by a 64-bit hash of (seed, i): its draws do not depend on batch, shard or GPU
         generators = [torch.Generator().manual_seed(int(reg.fingerprint(args.seed, i), 16)) for i in batch]
@@ -93,9 +110,13 @@ def generate(model, vae, encoder, indices, args, device):
         cls = torch.stack([torch.randn(width, generator=g) for g in generators]).to(device)  # [REG] (B, E)
         y = torch.tensor(draw_labels(batch, args.labels, args.seed, args.labels_random), device=device)
         with reg.autocast(device, args.precision):
-            x, cls = reg.sample(model, x, y, cls, *sampling, noise=functools.partial(sde_noise, generators))
+            noise = functools.partial(sde_noise, generators)
+            x, cls = reg.sample(model, x, y, cls, *sampling, noise=noise, trace=StepBar(bar))
             if vae is not None:
                 x = vae.decode(x / reg.LATENT_SCALE).sample  # SD latents are scaled to unit variance (LDM)
+        check(
+            bool(x.isfinite().all()), f"samples that are not finite (--cfg-scale {args.cfg_scale}?): lower the scales"
+        )
         if encoder is not None:
             real = model.token_of(encoder(x.float().clamp(-1, 1)))  # [REG] (B, E)
             cosines.append(torch.cosine_similarity(real.float(), cls.float(), dim=-1).cpu())  # [REG] (B,)
@@ -104,12 +125,23 @@ def generate(model, vae, encoder, indices, args, device):
         levels = 255 * ((x.float().clamp(-1, 1) + 1) / 2)
         levels = levels.round() if args.uint8 == "round" else levels
         images.append(levels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
+    bar.close()
     return np.concatenate(images), torch.cat(cosines).numpy() if cosines else None
 
 
-def count_evaluations(model, inputs):
-    """A forward pre-hook: the network evaluations (one per sample and pass; CFG doubles them) behind the MFU."""
-    model.evaluations = getattr(model, "evaluations", 0) + len(inputs[0])
+def grid_image(images, names, per_row):
+    """Samples (rows * per_row, H, W, 3), sample i in row i % rows -> the grid: each row's name on its left, GAP
+    pixels between tiles, on white."""
+    rows = len(names)
+    side = images.shape[1] + GAP
+    left = GAP + 6 * max(len(name) for name in names) + GAP  # PIL's default font: about 6 px a character
+    canvas = Image.new("RGB", (left + per_row * side, GAP + rows * side), "white")
+    for i, image in enumerate(images):
+        canvas.paste(Image.fromarray(image), (left + (i // rows) * side, GAP + (i % rows) * side))
+    draw = ImageDraw.Draw(canvas)
+    for row, name in enumerate(names):
+        draw.text((GAP, GAP + row * side + side // 2), name, fill="black", anchor="lm")
+    return canvas
 
 
 # Files ----------------------------------------------------------------------------------------------------------------
@@ -129,9 +161,14 @@ def export(model, path):
 
 
 def save_npz(path, arrays):
-    """Atomically: a kill leaves the file whole or absent, so a shard that exists is a finished one."""
-    np.savez(path + ".tmp.npz", **arrays)
-    os.replace(path + ".tmp.npz", path)
+    """Atomically: a kill leaves the file whole or absent, so a shard that exists is a finished one; a failed write
+    (a full disk) leaves no temporary file behind."""
+    try:
+        np.savez(path + ".tmp.npz", **arrays)
+        os.replace(path + ".tmp.npz", path)
+    finally:
+        if os.path.exists(path + ".tmp.npz"):
+            os.remove(path + ".tmp.npz")
 
 
 def claim_folder(out, model, args, rank):
@@ -155,7 +192,7 @@ def reference_images(ref, size):
             array = np.load(ref)["arr_0"]
         else:
             files = sorted(f for f in Path(ref).rglob("*") if f.suffix.lower() in reg.IMAGE_SUFFIXES)
-            array = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files])
+            array = np.stack([np.asarray(Image.fromarray(reg.read_image(f)).resize((size, size))) for f in files])
     except Exception as e:  # missing, corrupt, empty: whatever numpy, zipfile or PIL call it, the fix is the same
         raise SystemExit(f"sample.py: --fd-ref {ref} cannot be read ({e!r}): pass an .npz or a folder of images")
     ok = array.dtype == np.uint8 and array.ndim == 4 and array.shape[3] == 3
@@ -200,7 +237,8 @@ def sample_npz(model, vae, encoder, args, device, out):
 
 
 def main(args):
-    """Refuse bad flags, then run; reg's errors (ValueError, RuntimeError) say what to fix: one line, no traceback."""
+    """Refuse bad flags, then run; every error ends in one line that says what to fix, never in a traceback: reg's
+    (ValueError, RuntimeError), a folder that cannot be written (a full disk, read-only, under a file) and Ctrl-C."""
     vars(args).update(PAPER if args.paper else {})  # --paper overrides the sampler flags
     check(args.npz or not args.labels_random, "--labels-random is for --npz (the grid has a row per label)")
     check(args.out is None or not os.path.isfile(args.out), f"--out {args.out} is a file: pass a folder")
@@ -211,14 +249,22 @@ def main(args):
         return run(args)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"sample.py: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"sample.py: cannot write ({e}): free disk space or pass a writable folder as --out") from None
+    except KeyboardInterrupt:
+        raise SystemExit("sample.py: stopped; the finished .npz shards are kept: the same command goes on") from None
 
 
 def run(args):
     """Load the model, then export it, or sample the grid (default) or the .npz, and score."""
     device = reg.pick_device(args.device)
+    check(device.type != "mps" or torch.backends.mps.is_available(), "--device mps: no Apple GPU here: use cpu or cuda")
     model = reg.load_model(args.ckpt).to(device)  # the EMA weights, as the paper samples
+    stored = reg.load_checkpoint(args.ckpt)  # its training args may name the classes and the VAE
     if args.export:
-        return export(model, args.export)
+        result = export(model, args.export)
+        print(f"wrote {args.export}: the EMA weights in the release's layout")
+        return result
     cfg = model.cfg
     check(cfg.in_channels == 4 or not args.vae, "--vae decodes latents; this model makes pixels: drop --vae")
     check(not args.encoder or cfg.entangled, "token consistency needs a model with the REG token: drop --encoder")
@@ -226,24 +272,22 @@ def run(args):
     args.labels = args.labels or list(range(cfg.num_classes if args.npz else min(10, cfg.num_classes)))
     check(max(args.labels) < cfg.num_classes, f"--labels must lie in 0..{cfg.num_classes - 1}, the model's classes")
     # latent models: --vae, else the VAE the checkpoint names (train_imagenet.py's), else the paper's
-    args.vae = (args.vae or reg.load_checkpoint(args.ckpt).get("vae") or "ema") if cfg.in_channels == 4 else None
+    args.vae = (args.vae or stored.get("vae") or "ema") if cfg.in_channels == 4 else None
     vae = reg.load_vae(args.vae, device) if args.vae else None
     encoder = reg.load_encoder(args.encoder, cfg.grid, args.encoder_weights, device) if args.encoder else None
     check(not encoder or encoder.dim == cfg.encoder_dim, f"--encoder is not {cfg.encoder_dim}-d as the model's")
     out = args.out or os.path.join("samples", f"{Path(args.ckpt).resolve().parent.name}-{Path(args.ckpt).stem}")
     os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
     if args.npz:
         path, images, cosines = sample_npz(model, vae, encoder, args, device, out)
     else:  # sample i in row i % rows, column i // rows: by its label, as in the .npz
-        model.register_forward_pre_hook(count_evaluations)
-        start = time.perf_counter()
         images, cosines = generate(model, vae, encoder, range(len(args.labels) * args.per_row), args, device)
-        flops = model.evaluations / len(images) * reg.model_flops(cfg, train=False)  # the SiT's, not the VAE's
-        print("samples/s:", reg.speed(len(images), time.perf_counter() - start, flops, device))
-        grid = images.reshape(args.per_row, -1, *images.shape[1:]).transpose(1, 2, 0, 3, 4)  # (rows, H, cols, W, 3)
+        classes = stored.get("args", {}).get("classes") if isinstance(stored.get("args"), dict) else None
+        names = [str(classes[y]) if classes else str(y) for y in args.labels]
         path = os.path.join(out, "grid.png")
-        Image.fromarray(grid.reshape(grid.shape[0] * grid.shape[1], -1, 3)).save(path)
-    result = dict(path=path, samples=len(images))
+        grid_image(images, names, args.per_row).save(path)
+    result = dict(path=path, samples=len(images), seconds=round(time.perf_counter() - start, 1))
     if cosines is not None:
         result["token_consistency"] = float(cosines.mean())
     if args.fd_ref:
@@ -251,7 +295,8 @@ def run(args):
         generated = reg.fd_stats(fd_encoder, torch.from_numpy(images).permute(0, 3, 1, 2))
         reference = reg.fd_stats(fd_encoder, reference_images(args.fd_ref, images.shape[1]), cache_dir=out)
         result["fd"] = reg.frechet_distance(generated, reference)
-    print(", ".join(f"{k} {v}" for k, v in result.items()))
+    scores = "".join(f", {k} {result[k]:.4g}" for k in ("token_consistency", "fd") if k in result)
+    print(f"wrote {path}: {len(images)} samples in {result['seconds']} s{scores}")
     return result
 
 

@@ -240,6 +240,8 @@ def test_lognormal_times_lie_in_0_1_with_median_one_half():
 class Oracle(torch.nn.Module):
     """Predicts the exact targets of the linear path from the clean data it was given; z_proj = 2 x the encoder tokens."""
 
+    basis_fitted = True  # what reg_loss asks of a model
+
     def __init__(self, cfg, x, c, z):
         super().__init__()
         self.cfg, self.x, self.c, self.z = cfg, x, c, z
@@ -264,6 +266,8 @@ def test_loss_is_zero_for_exact_predictions():
 
 class CosineOracle(torch.nn.Module):
     """The exact targets of the cosine path, per sample, from the clean data it was given."""
+
+    basis_fitted = True
 
     def __init__(self, cfg, x, c):
         super().__init__()
@@ -645,11 +649,11 @@ def test_bad_inputs_raise_value_errors_that_name_the_problem():
     m = tiny()
     x, t, y, cls, feats = inputs(m)
     with pytest.raises(ValueError, match="the model takes"):
-        m(torch.randn(3, 3, 16, 16), t, y, cls)  # wrong size
+        reg.sample(m, torch.randn(3, 3, 16, 16), y, cls)  # wrong size
     with pytest.raises(ValueError, match="the model takes"):
-        m(torch.randn(3, 4, 8, 8), t, y, cls)  # wrong channels
+        reg.reg_loss(m, torch.randn(3, 4, 8, 8), y, feats)  # wrong channels
     with pytest.raises(ValueError, match="the REG token must be"):
-        m(x, t, y, torch.randn(3, 7))  # token of the wrong width
+        reg.sample(m, x, y, torch.randn(3, 7))  # token of the wrong width
     with pytest.raises(ValueError, match="unknown preset"):
         reg.make_model("SiT-M/2")
     with pytest.raises(ValueError, match="unknown method"):
@@ -879,8 +883,20 @@ def test_strip_frames_run_from_pure_noise_estimate_to_the_sample():
 
 def test_diagnostic_plots_are_written(tmp_path):
     log = tmp_path / "log.jsonl"
-    records = [dict(step=s, loss=1.0 / s, denoise=1.0, denoise_cls=0.5, align=-0.5, fd=10.0 / s, bin_t=[0.25, 0.75],
-                    bin_denoise=[1.0 / s, 2.0 / s], bin_denoise_cls=[0.1, 0.2]) for s in (1, 2, 3)]  # fmt: skip
+    records = [
+        dict(
+            step=s,
+            loss=1.0 / s,
+            denoise=1.0,
+            denoise_cls=0.5,
+            align=-0.5,
+            fd=10.0 / s,
+            bin_t=[0.25, 0.75],
+            bin_denoise=[1.0 / s, 2.0 / s],
+            bin_denoise_cls=[0.1, 0.2],
+        )
+        for s in (1, 2, 3)
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # a torn last line
     assert len(reg.read_log(str(log))) == 3
     png = reg.plot_log({"a": str(log), "b": str(log)}, str(tmp_path / "plot.png"), ("loss", "fd", "bin_denoise", "x"))
@@ -918,8 +934,12 @@ def test_resume_may_change_the_learning_rate_but_not_the_experiment(tmp_path):
 
 def test_one_process_per_run_folder(tmp_path):
     with reg.lock_folder(str(tmp_path)):
-        probe = subprocess.run([sys.executable, "-c", f"import reg; reg.lock_folder({str(tmp_path)!r})"],
-                               capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))  # fmt: skip
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import reg; reg.lock_folder({str(tmp_path)!r})"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
     assert probe.returncode != 0 and "another process is writing to" in probe.stderr
     with reg.lock_folder(str(tmp_path)):  # the end of the block freed it
         pass
@@ -992,9 +1012,19 @@ def test_checkpoints_from_before_the_rename_still_load_and_resume(tmp_path):
     with pytest.raises(ValueError, match=r"lacking \[.num_heads.\]"):  # never a guessed head count
         reg.config_from_dict(no_heads)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    reg.save_checkpoint(str(tmp_path / "0000001.pt"), dict(model=m.state_dict(), ema=ema.state_dict(),
-                        opt=opt.state_dict(), scaler=scaler.state_dict(), step=1, config=old, args=dict(steps=1),
-                        rng=dict(torch=torch.get_rng_state(), python=random.getstate())))  # fmt: skip
+    reg.save_checkpoint(
+        str(tmp_path / "0000001.pt"),
+        dict(
+            model=m.state_dict(),
+            ema=ema.state_dict(),
+            opt=opt.state_dict(),
+            scaler=scaler.state_dict(),
+            step=1,
+            config=old,
+            args=dict(steps=1),
+            rng=dict(torch=torch.get_rng_state(), python=random.getstate()),
+        ),
+    )
     state = reg.resume(str(tmp_path), dict(steps=1), (), m, ema, torch.optim.AdamW(m.parameters()), scaler)
     assert state["step"] == 1
 
@@ -1051,7 +1081,7 @@ def test_sampler_derives_the_null_label_and_takes_y_none():
     assert seen[-1].tolist() == [0, 1, 5, 5]
     reg.sample(m, x, None, cls, steps=1, mode="euler")
     assert seen[-1].tolist() == [5, 5]
-    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.5"):
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.4 \(5 = the null label"):
         reg.sample(m, x, torch.tensor([0, 6]), cls, steps=1, mode="euler")
 
 
@@ -1069,7 +1099,8 @@ def test_sampler_keeps_t_in_float32_under_bf16_inputs():
 def test_validation_loss_on_an_eval_model_and_noalign_needs_only_the_class_token():
     m = randomize(tiny()).eval()
     x, _, y, _, feats = inputs(m)
-    out = reg.reg_loss(m, x, y, feats)
+    with torch.no_grad():
+        out = reg.reg_loss(m, x, y, feats)
     assert out["align"] == 0 and out["denoise"] > 0  # no REPA projection outside training
     noalign = tiny("reg-noalign")
     assert reg.reg_loss(noalign, x, y, (feats[0], None))["denoise_cls"] > 0
@@ -1079,11 +1110,11 @@ def test_validation_loss_on_an_eval_model_and_noalign_needs_only_the_class_token
 
 def test_more_bad_inputs_fail_at_the_call_with_the_fix():
     m = tiny()
-    x, t, y, cls, _ = inputs(m)
+    x, t, y, cls, feats = inputs(m)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.4"):
-        m(x, t, torch.tensor([0, 1, 9]), cls)
+        reg.reg_loss(m, x, torch.tensor([0, 1, 9]), feats)
     with pytest.raises(ValueError, match="the REG token must be"):
-        m(x, t, y, cls[:2])  # a token of another batch size
+        reg.sample(m, x, y, cls[:2])  # a token of another batch size
     with pytest.raises(ValueError, match="num_heads 3 does not divide hidden_size 128"):
         reg.make_model("SiT-Ti/2", num_heads=3)
     with pytest.raises(TypeError, match="expected a state dict"):
@@ -1097,17 +1128,21 @@ def test_more_bad_inputs_fail_at_the_call_with_the_fix():
 
 
 def test_a_head_count_is_never_guessed():
-    model = reg.SiT(reg.SiTConfig(input_size=8, in_channels=3, patch_size=2, depth=2, hidden_size=96, num_heads=3,
-                                  num_classes=4, encoder_dim=32, encoder_depth=1, projector_dim=16))  # fmt: skip
+    settings = dict(input_size=8, in_channels=3, depth=2, hidden_size=96, num_heads=3, num_classes=4, encoder_dim=32)
+    model = reg.SiT(reg.SiTConfig(**settings, patch_size=2, encoder_depth=1, projector_dim=16))
     with pytest.raises(ValueError, match=r"head count is not stored.*num_heads"):
         reg.config_from_state_dict(model.state_dict())
 
 
-def test_encoder_refuses_0_1_images_stays_frozen_and_takes_its_input_size():
+def test_encoder_takes_bright_images_refuses_0_255_floats_stays_frozen_and_takes_its_input_size():
     enc = reg.load_encoder("tf_efficientnet_lite0", grid=2, weights="random", size=32)
     assert enc.size == 32
-    with pytest.raises(ValueError, match=r"\[-1, 1\].*images \* 2 - 1"):
-        enc(torch.rand(2, 3, 16, 16))  # ToTensor's [0, 1]
+    bright = torch.rand(1, 3, 16, 16)  # a valid [-1, 1] image whose pixels are all >= 0
+    torch.testing.assert_close(
+        enc(bright)[0], enc((bright * 127.5 + 127.5).round().to(torch.uint8))[0], atol=0.05, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*for 0\.\.255 pass images.to\(torch.uint8\)"):
+        enc(torch.rand(2, 3, 16, 16) * 255)  # 0..255 floats
     torch.nn.Sequential(enc).train()  # a parent module asks for training mode
     assert not enc.training and not any(m.training for m in enc.modules())  # BatchNorm statistics stay fixed
 
@@ -1190,3 +1225,124 @@ def test_sampling_never_waits_for_the_device_inside_its_loop():
     x, _, y, cls, _ = inputs(m)
     x, y, cls = x.to(DEVICE), y.to(DEVICE), cls.to(DEVICE)
     assert syncs_while_sampling(m, x, y, cls, 3) == syncs_while_sampling(m, x, y, cls, 9)
+
+
+# --- the API refuses in its own words: one test per kind of wrong argument ---------------------------------------------
+
+
+def test_labels_of_another_shape_dtype_or_batch_are_refused():
+    m = tiny().train()
+    x, _, y, cls, feats = inputs(m, B=2)
+    for labels in (y[:, None], y.float(), y.tolist(), torch.tensor([0, 1, 2]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match=r"labels y must be an integer tensor \(B,\) = \(2,\).*torch.tensor"):
+            reg.reg_loss(m, x, labels, feats)
+        with pytest.raises(TypeError, match="labels y must be an integer tensor"):
+            reg.sample(m, x, labels, cls, steps=1)
+
+
+def test_inputs_of_another_dtype_are_refused_with_the_fix():
+    m = tiny().train()
+    x, _, y, cls, feats = inputs(m)
+    with pytest.raises(TypeError, match=r"x is torch.float16, the model torch.float32: pass x.to\(torch.float32\)"):
+        reg.reg_loss(m, x.half(), y, feats)  # float16 on a CPU
+    with pytest.raises(TypeError, match="x is torch.float64"):
+        reg.sample(m, x.double(), y, cls, steps=1)
+    with pytest.raises(ValueError, match="the model takes x"):
+        reg.reg_loss(m, x.tolist(), y, feats)
+
+
+def test_a_token_given_to_a_model_without_one_or_missing_is_refused():
+    x, _, y, cls, _ = inputs(tiny())
+    with pytest.raises(ValueError, match=r"a token \(3, 24\) for a model without one \('none'\): pass cls=None"):
+        reg.sample(tiny("repa"), x, y, cls, steps=1)
+    with pytest.raises(ValueError, match="the REG token must be .* got NoneType"):
+        reg.sample(tiny(), x, y, None, steps=1)
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, "2", torch.tensor(2.0), True])
+def test_guidance_scales_and_loss_weights_must_be_finite_numbers(scale):
+    m = tiny()
+    x, _, y, cls, feats = inputs(m)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        reg.sample(m, x, y, cls, steps=1, cfg_scale=scale)
+    with pytest.raises(ValueError, match="cls_cfg_scale must be a finite number"):
+        reg.sample(m, x, y, cls, steps=1, cls_cfg_scale=scale)
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        reg.reg_loss(m.train(), x, y, feats, beta=scale)
+    with pytest.raises(ValueError, match="interval's low end must be a finite number from 0 to 0.2"):
+        reg.sample(m, x, y, cls, steps=1, interval=(0.5, 0.2))  # reversed: guidance nowhere
+
+
+def test_a_token_dim_model_never_given_its_basis_is_refused_until_it_has_one(tmp_path):
+    m = tiny("reg", token_dim=3).train()
+    x, _, y, _, feats = inputs(m)
+    with pytest.raises(ValueError, match=r"token_dim without a basis: .* model.set_token_basis"):
+        reg.reg_loss(m, x, y, feats)
+    fitted = copy.deepcopy(m)
+    fitted.set_token_basis(torch.randn(10, 24))
+    assert reg.reg_loss(fitted, x, y, feats)["denoise_cls"] > 0
+    m.load_state_dict(fitted.state_dict())  # loaded weights bring their basis
+    assert reg.reg_loss(m, x, y, feats)["loss"].isfinite()
+    assert reg.load_model(reg.save_model(tmp_path / "m.pt", fitted)).train().basis_fitted
+
+
+def test_a_basis_without_variance_or_for_another_model_is_refused_with_the_fix():
+    m = tiny("reg", token_dim=3)
+    with pytest.raises(ValueError, match=r"N > k = 3, got \(3, 24\): more images, or a smaller token_dim"):
+        m.set_token_basis(torch.randn(3, 24))  # 3 tokens: 2 directions with variance
+    with pytest.raises(ValueError, match="N > k = 3"):
+        m.set_token_basis(torch.randn(1, 24))  # one image: a NaN covariance
+    with pytest.raises(ValueError, match="finite"):
+        m.set_token_basis(torch.full((10, 24), math.nan))
+    with pytest.raises(ValueError, match=r"tokens \(N, 7\), the model's are \(N, E = 24\)"):
+        m.set_token_basis(torch.randn(10, 7))
+    with pytest.raises(ValueError, match="no token basis: build it with token_dim"):
+        tiny("reg").set_token_basis(torch.randn(10, 24))
+    assert not m.basis_fitted
+
+
+def test_a_model_left_in_eval_mode_is_refused_where_it_would_train_with_align_0():
+    m = tiny().eval()  # as load_model returns it
+    x, _, y, _, feats = inputs(m)
+    with pytest.raises(ValueError, match=r"eval mode .* align would be 0. Call model.train\(\)"):
+        reg.reg_loss(m, x, y, feats)
+    with torch.no_grad():
+        assert reg.reg_loss(m, x, y, feats)["align"] == 0  # a validation loss
+    frozen = copy.deepcopy(m).requires_grad_(False)  # an EMA: nothing to train
+    assert reg.reg_loss(frozen, x, y, feats)["align"] == 0
+
+
+@pytest.mark.parametrize("method", ["reg", "reg-mean", "reg-learned"])
+def test_features_from_an_encoder_that_is_not_frozen_get_no_gradient(method):
+    m = randomize(tiny(method)).train()
+    x, _, y, _, feats = inputs(m)
+    feats = tuple(f.clone().requires_grad_(True) for f in feats)  # an encoder that trains
+    reg.reg_loss(m, x, y, feats, beta=1.0)["loss"].backward()
+    assert all(f.grad is None for f in feats)
+    assert m.x_embedder.proj.weight.grad is not None
+
+
+def test_ema_update_refuses_a_swapped_order_another_model_or_a_bad_decay():
+    m = tiny()
+    ema = copy.deepcopy(m).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"ema_update\(ema, model\): pass a copy"):
+        reg.ema_update(m, ema)  # swapped: the EMA trains nothing
+    with pytest.raises(ValueError, match=r"ema_update\(ema, model\)"):
+        reg.ema_update(tiny("reg", encoder_dim=12), m)
+    with pytest.raises(ValueError, match="decay must be a finite number from 0 to 1"):
+        reg.ema_update(ema, m, decay=math.nan)
+
+
+def test_configs_saves_and_loads_refuse_what_is_not_theirs(tmp_path):
+    with pytest.raises(ValueError, match="SiTConfig.input_size must be a positive int, got '32'"):
+        reg.make_model("SiT-Ti/2", input_size="32")
+    with pytest.raises(ValueError, match="SiTConfig.depth must be a positive int, got 0"):
+        reg.make_model("SiT-Ti/2", depth=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'widht'"):
+        reg.make_model("SiT-Ti/2", widht=3)
+    with pytest.raises(TypeError, match="save_model saves a SiT.*got Linear"):
+        reg.save_model(tmp_path / "m.pt", torch.nn.Linear(2, 2))
+    path = reg.save_model(tmp_path / "m.safetensors", tiny())  # a pathlib.Path works
+    assert reg.load_model(path).cfg.num_classes == 5
+    with pytest.raises(ValueError, match="has no 'best' weights"):
+        reg.load_model(reg.save_model(tmp_path / "m.pt", tiny()), weights="best")

@@ -68,6 +68,18 @@ def start_noise(seed, i, shape, width):
     return torch.randn(shape, generator=generator), torch.randn(width, generator=generator)
 
 
+def tiles(path, rows, per_row, side):
+    """The grid's tiles (rows, per_row, side, side, 3): sample.GAP pixels between them, the row names on their left."""
+    grid = np.asarray(Image.open(path))
+    step = side + sample.GAP
+    assert grid.shape[0] == sample.GAP + rows * step  # the names' margin is what is left of the width
+    left = grid.shape[1] - per_row * step
+    cells = [
+        [grid[sample.GAP + r * step :][:side, left + c * step :][:, :side] for c in range(per_row)] for r in range(rows)
+    ]
+    return np.array(cells)
+
+
 def levels(x, rule):
     """Closed form of the 8 bits: the release's 255 (x + 1) / 2 clipped and cast, or that rounded."""
     scaled = np.clip(255.0 * ((x + 1) / 2.0), 0, 255)
@@ -77,9 +89,9 @@ def levels(x, rule):
 
 def test_grid_and_npz_shapes_and_arrangement(ckpt, tmp_path, capsys):
     g = run(ckpt, tmp_path / "grid", "--labels", 0, 1, 2, 3, "--per-row", 2, "--batch-size", 2)
-    grid = np.asarray(Image.open(g["path"]))
-    assert grid.shape == (4 * 8, 2 * 8, 3) and grid.dtype == np.uint8 and g["samples"] == 8
-    assert "img_per_s" in capsys.readouterr().out  # the samples/s line
+    grid = tiles(g["path"], 4, 2, 8)
+    assert g["samples"] == 8
+    assert f"wrote {g['path']}: 8 samples in" in capsys.readouterr().out  # the closing line
     assert os.listdir(tmp_path / "grid") == ["grid.png"]  # no settings.json, no shards
     r = run(ckpt, tmp_path / "npz", "--npz", "--num-samples", 7, "--shard-size", 3, "--save-png")
     x = npz(r)
@@ -88,7 +100,7 @@ def test_grid_and_npz_shapes_and_arrangement(ckpt, tmp_path, capsys):
     # sample i has label i % 4 in both, so grid cell (row i % 4, column i // 4) is npz sample i: the same noise (start
     # and SDE) though the grid ran in batches of 2 and the npz in shards of 3
     for i in range(7):
-        np.testing.assert_array_equal(grid[8 * (i % 4) : 8 * (i % 4) + 8, 8 * (i // 4) : 8 * (i // 4) + 8], x[i])
+        np.testing.assert_array_equal(grid[i % 4, i // 4], x[i])
     for i in range(7):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "npz" / f"{i:06d}.png")), x[i])
     assert "3 PNGs" in capsys.readouterr().out
@@ -229,18 +241,17 @@ def test_the_vae_decodes_latents(tmp_path, monkeypatch):
     model = tiny(perturb=False, input_size=4, in_channels=4, num_classes=3)
     latent = reg.save_model(str(tmp_path / "latent.pt"), model)
     r = run(latent, tmp_path / "out", "--vae", tmp_path / "vae", "--per-row", 1, "--sampler", "euler")
-    grid = np.asarray(Image.open(r["path"]))
+    grid = tiles(r["path"], 3, 1, 32)[:, 0]  # (3, 32, 32, 3)
     starts = torch.stack([start_noise(0, i, (4, 4, 4), 64)[0] for i in range(3)])
     with torch.no_grad():
         decoded = vae.decode(starts / reg.LATENT_SCALE).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
-    assert grid.shape == (3 * 32, 32, 3)
-    assert np.array_equal(grid, levels(decoded, "round").reshape(3 * 32, 32, 3))
+    assert np.array_equal(grid, levels(decoded, "round"))
     with pytest.raises(SystemExit, match="as --vae"):
         run(latent, tmp_path / "none", "--vae", tmp_path / "no-such-vae")
     state = reg.load_checkpoint(latent)
     torch.save(dict(state, vae=str(tmp_path / "vae")), tmp_path / "named.pt")  # as train_imagenet.py saves it
     named = run(tmp_path / "named.pt", tmp_path / "named", "--per-row", 1, "--sampler", "euler")
-    assert np.array_equal(np.asarray(Image.open(named["path"])), grid)
+    assert np.array_equal(tiles(named["path"], 3, 1, 32)[:, 0], grid)
     asked = []
     monkeypatch.setattr(reg, "load_vae", lambda name, device: asked.append(name) or vae)
     run(tmp_path / "named.pt", tmp_path / "mse", "--per-row", 1, "--sampler", "euler", "--vae", "mse")
@@ -377,3 +388,62 @@ def test_bad_flags_exit_with_a_message(ckpt, tmp_path, flags, message, capsys):
         run(ckpt, tmp_path / "out", *flags)
     assert message in str(stop.value) + capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_grid_rows_are_named_by_the_checkpoints_classes_else_by_their_labels(tmp_path, capsys):
+    """The row names are drawn left of the tiles: a grid whose checkpoint stores class names (train_cifar.py's
+    args["classes"]) differs there from one that shows label numbers, and nowhere in the tiles."""
+    model = tiny()
+    state = dict(ema=model.state_dict(), config=vars(model.cfg), args=dict(classes=["plane", "car", "bird", "cat"]))
+    torch.save(state, tmp_path / "named.pt")
+    named = run(tmp_path / "named.pt", tmp_path / "a", "--per-row", 1)
+    plain = run(reg.save_model(str(tmp_path / "plain.pt"), model), tmp_path / "b", "--per-row", 1)
+    assert np.array_equal(tiles(named["path"], 4, 1, 8), tiles(plain["path"], 4, 1, 8))
+    names = np.asarray(Image.open(named["path"]))[:, : -8 - sample.GAP]
+    assert names.min() < 128 and names.shape[1] > np.asarray(Image.open(plain["path"])).shape[1] - 8 - sample.GAP
+    assert "/6 [" in capsys.readouterr().err  # the progress bar: 2 batches x 3 steps
+
+
+def test_samples_that_are_not_finite_are_refused_before_anything_is_written(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match=r"sample.py: samples that are not finite \(--cfg-scale 1e\+308\?\)"):
+        run(ckpt, tmp_path / "out", "--cfg-scale", "1e308", "--labels", 0, 1)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_full_disk_an_out_under_a_file_and_ctrl_c_end_in_one_line(ckpt, tmp_path, monkeypatch):
+    flags = ["--npz", "--num-samples", 4, "--shard-size", 2]
+    savez = np.savez
+
+    def full_disk(path, **arrays):
+        if "samples_4" in str(path):  # the merge: half a file, then no space left
+            open(path, "wb").write(b"PK")
+            raise OSError(28, "No space left on device", path)
+        savez(path, **arrays)
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(SystemExit, match="sample.py: cannot write .*No space left.*free disk space"):
+        run(ckpt, tmp_path / "out", *flags)
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "settings.json",
+        "shard-0000000-0000002.npz",
+        "shard-0000002-0000004.npz",
+    ]
+    monkeypatch.setattr(np, "savez", savez)
+    assert run(ckpt, tmp_path / "out", *flags)["samples"] == 4  # space again: the same command finishes
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit, match="sample.py: cannot write .*Not a directory.*writable folder as --out"):
+        run(ckpt, tmp_path / "file" / "out")
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "generate", ctrl_c)
+    with pytest.raises(SystemExit, match="sample.py: stopped; the finished .npz shards are kept"):
+        run(ckpt, tmp_path / "stopped", *flags)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_device_mps_without_an_apple_gpu_names_the_fix(ckpt, tmp_path):
+    argv = [str(ckpt), "--out", str(tmp_path / "out"), "--device", "mps"]
+    with pytest.raises(SystemExit, match="--device mps: no Apple GPU here: use cpu or cuda"):
+        sample.main(sample.parse_args(argv))
