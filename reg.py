@@ -889,18 +889,45 @@ def save_model(path, model):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint; a full disk or a
-    read-only folder is an error in words, and the temporary file is removed."""
+    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint (and a Ctrl-C or SIGTERM
+    during the write takes effect after it); a full disk or a read-only folder is an error in words, and the temporary
+    file is removed. A killed writer's temporary file is removed by clean_run_folder."""
     tmp = f"{path}.{os.getpid()}.tmp"  # this process's: two writers of one file never share a temporary file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with SignalsHeld():
+            torch.save(state, tmp)
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise ValueError(f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder; "
-                         "the files written before are intact") from None  # fmt: skip
+        message = f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder"
+        raise ValueError(f"{message}; the files written before are intact") from None
+
+
+class SignalsHeld:
+    """Ctrl-C and SIGTERM held for a `with` block and delivered at its end, so that no signal cuts a write short
+    (Python runs handlers in the main thread: elsewhere nothing is held)."""
+
+    def __enter__(self):
+        import threading  # Part B only
+
+        self.held = []
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.hold)
+        return self
+
+    def hold(self, signum, frame):
+        self.held.append(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        for sig in self.held:
+            signal.raise_signal(sig)
+        return False
 
 
 def checkpoints(folder):
@@ -944,7 +971,7 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     opt.load_state_dict(state["opt"])
     for group in opt.param_groups:  # a changed learning rate wins over the saved one
         group["lr"] = args.get("lr", group["lr"])
-    if state["scaler"] and scaler.is_enabled():  # a bf16 run's scaler is empty; fp16 may start on resume
+    if state["scaler"] and scaler is not None and scaler.is_enabled():  # bf16's is empty; fp16 may start on resume
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -953,34 +980,41 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     return state
 
 
-def optimizer_step(model, ema, opt, scaler, clip=1.0, decay=0.9999):
-    """After the backward passes: clip the gradient norm (the paper's 1.0), step AdamW through the GradScaler (which
-    acts only for fp16 and skips a step whose gradient overflowed), clear the gradients, update the EMA.
-    -> (grad norm, skipped): an fp16 skip's norm is 0 and `skipped` 1, so the log's means stay finite."""
-    scaler.unscale_(opt)
+def optimizer_step(model, ema, opt, scaler=None, clip=1.0, decay=0.9999):
+    """After the backward passes: clip the gradient norm (the paper's 1.0), step AdamW, clear the gradients, update the
+    EMA. With an enabled GradScaler (fp16) the step goes through it: it skips a step whose gradient overflowed. Under
+    bf16 or fp32 (scaler None or disabled) AdamW steps directly. -> (grad norm, skipped): an fp16 skip's norm is 0 and
+    `skipped` 1, so the log's means stay finite."""
+    fp16 = scaler is not None and scaler.is_enabled()
+    if fp16:
+        scaler.unscale_(opt)  # the true gradients, to clip them
     grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), clip)
-    scaler.step(opt)
-    scaler.update()
+    if fp16:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     ema_update(ema, model, decay)
-    skipped = torch.isfinite(grad_norm).logical_not() & scaler.is_enabled()  # elsewhere a NaN norm stops the run
+    skipped = torch.isfinite(grad_norm).logical_not() & fp16  # elsewhere a NaN norm stops the run
     return grad_norm.where(~skipped, 0.0), skipped
 
 
 def add_to(sums, values, weight):
-    """sums[k] += weight * values[k], on the device (no host sync)."""
+    """sums[k] += weight * values[k]: tensors on their device (no host sync), numbers (a time) on the host."""
     for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + weight * v.detach().float()
+        v = v.detach().float() if torch.is_tensor(v) else v
+        sums[k] = sums.get(k, 0.0) + weight * v
 
 
 def log_interval(folder, step, sums, last, images_per_step, flops_per_image, device):
-    """One log record from the running sums since the last one (`last` = its step and time): the mean of each loss
-    over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the loop's only sync),
+    """One log record from the running sums since the last one (`last` = its step and time): the mean of each value
+    (a loss, the data wait) over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the loop's only sync),
     the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak memory of this
     process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`; -> (step, time)."""
     steps = step - last[0]
     keys = sorted(sums)
-    values = torch.stack([sums.pop(k).float() for k in keys])
+    values = torch.stack([torch.as_tensor(sums.pop(k), device=device).float() for k in keys])
     world = 1
     if torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
@@ -1000,7 +1034,7 @@ def log_interval(folder, step, sums, last, images_per_step, flops_per_image, dev
 
 def lock_folder(folder):
     """One process per run folder: an exclusive lock on <folder>/lock, for a `with` block (the kernel frees it on any
-    exit, kill -9 included); another process gets an error that says so."""
+    exit, kill -9 included); another process gets an error that says so. Once held, clean_run_folder."""
     import fcntl  # Unix; Part B only, so Part A copies anywhere
 
     os.makedirs(folder, exist_ok=True)
@@ -1010,7 +1044,37 @@ def lock_folder(folder):
     except BlockingIOError:
         lock.close()
         raise ValueError(f"another process is writing to {folder}: wait for it, or pass another --out") from None
+    clean_run_folder(folder)
     return lock
+
+
+def clean_run_folder(folder):
+    """Remove what killed runs left in `folder`: the temporary files (NAME.<pid>.tmp) of writers that no longer run,
+    and the log records past the newest checkpoint (a run killed before its first one leaves no trace)."""
+    for name in os.listdir(folder):
+        pid = name.split(".")[-2] if name.endswith(".tmp") and name.count(".") >= 2 else ""
+        if pid.isdigit() and not process_exists(int(pid)):
+            os.remove(os.path.join(folder, name))
+    saved = checkpoints(folder)
+    newest = int(os.path.basename(saved[-1])[:-3]) if saved else 0
+    path = os.path.join(folder, "log.jsonl")
+    if os.path.isfile(path):
+        records = [r for r in read_log(path) if r.get("step", 0) <= newest]
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+
+
+def process_exists(pid):
+    """Whether a process with this id runs (signal 0 only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def log(folder, **record):
@@ -1037,8 +1101,9 @@ def read_log(path):
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops. A second
-    Ctrl-C aborts at once. Use as `with GracefulStop() as stop:` and test `stop.requested` after each step."""
+    """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops. A second one
+    stops at once, in one line (a checkpoint being written is finished first: save_checkpoint holds signals). Use as
+    `with GracefulStop() as stop:` and test `stop.requested` after each step."""
 
     def __init__(self):
         self.requested = False
@@ -1050,9 +1115,12 @@ class GracefulStop:
         return self
 
     def handle(self, signum, frame):
+        if self.requested:
+            raise SystemExit("stopped at once: run again to continue from the last checkpoint")
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping: a checkpoint after this step (run again to continue); Ctrl-C again aborts", flush=True)
+        print(
+            "\nstopping: a checkpoint after this step (run again to continue); Ctrl-C again stops at once", flush=True
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -1078,8 +1146,10 @@ def pick_device(name=None):
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch no CUDA): use --device cpu")
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if not available.get(device.type, True):
+        raise ValueError(f"--device {name}: this machine (or this torch) has no {device.type.upper()} GPU: use --device "
+                         "cpu, or leave --device out to take the best there is")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
