@@ -26,6 +26,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     os.environ["REG_TEST_DEVICE"] = config.getoption("--device")  # read by the test modules as DEVICE
+    if config.getoption("--device").startswith("cuda"):  # the tests compare runs bit for bit (resume, DDP)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts; DDP workers inherit it
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -62,17 +65,21 @@ def reads_the_host(func, args):
     return True
 
 
-def where_in_the_project():
-    """The innermost frame of the project's own files (not the tests') -> 'file:line function'."""
+def count_read(reads):
+    """Count one read where the project's innermost frame (not the tests') made it, 'file:line function'; reads by
+    design of CPU tensors only (CPU_ONLY_READS) are not counted."""
+    where = "outside the project"
     for frame in reversed(traceback.extract_stack()):
         path = Path(frame.filename)
         if path.parent == ROOT and path.suffix == ".py":
-            return f"{path.name}:{frame.lineno} {frame.name}"
-    return "outside the project"
+            where = f"{path.name}:{frame.lineno} {frame.name}"
+            break
+    if where.split()[-1] not in CPU_ONLY_READS:
+        reads[where] += 1
 
 
 class HostReads(TorchDispatchMode):
-    """Counts the aten ops that read tensor values to the host (reads_the_host) by where in the project they happen."""
+    """Counts the aten ops that read tensor values to the host (reads_the_host)."""
 
     def __init__(self, reads):
         super().__init__()
@@ -80,7 +87,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if reads_the_host(func, args):
-            self.reads[where_in_the_project()] += 1
+            count_read(self.reads)
         return func(*args, **(kwargs or {}))
 
 
@@ -93,20 +100,18 @@ class ListReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.Tensor.tolist, torch.Tensor.numpy):
-            self.reads[where_in_the_project()] += 1
+            count_read(self.reads)
         return func(*args, **(kwargs or {}))
 
 
 @contextmanager
 def count_host_reads():
-    """The reads of tensor values to the host in this thread during the block, a Counter {'file:line function': n}:
-    on a GPU each is a wait for the device, so a CPU test can show that a loop never waits. Reads by design of CPU
-    tensors only (CPU_ONLY_READS) and reads in other threads (a data loader's) are not counted. Usage:
+    """The reads of tensor values to the host made in this thread during the block, as a Counter {'file:line
+    function': n}: on a GPU each is a wait for the device, so a CPU test can show that a loop never waits. Reads in
+    other threads (a data loader's) and reads by design of CPU tensors only (CPU_ONLY_READS) are not counted.
         with count_host_reads() as reads:
             ...
         assert not reads, reads"""
     reads = collections.Counter()
     with HostReads(reads), ListReads(reads):
         yield reads
-    for where in [w for w in reads if w.split()[-1] in CPU_ONLY_READS]:
-        del reads[where]
