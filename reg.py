@@ -889,13 +889,13 @@ def save_model(path, model):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint (and a Ctrl-C or SIGTERM
-    during the write takes effect after it); a full disk or a read-only folder is an error in words, and the temporary
-    file is removed. A killed writer's temporary file is removed by clean_run_folder."""
+    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint (clean_run_folder removes
+    a killed writer's temporary file), nor does a Ctrl-C; a full disk or a read-only folder is an error in words, and
+    the temporary file is removed."""
     tmp = f"{path}.{os.getpid()}.tmp"  # this process's: two writers of one file never share a temporary file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with SignalsHeld():
+        with GracefulStop(hold=True):  # a Ctrl-C or SIGTERM takes effect after the write
             torch.save(state, tmp)
             os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
@@ -903,31 +903,6 @@ def save_checkpoint(path, state):
             os.remove(tmp)
         message = f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder"
         raise ValueError(f"{message}; the files written before are intact") from None
-
-
-class SignalsHeld:
-    """Ctrl-C and SIGTERM held for a `with` block and delivered at its end, so that no signal cuts a write short
-    (Python runs handlers in the main thread: elsewhere nothing is held)."""
-
-    def __enter__(self):
-        import threading  # Part B only
-
-        self.held = []
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.hold)
-        return self
-
-    def hold(self, signum, frame):
-        self.held.append(signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        for sig in self.held:
-            signal.raise_signal(sig)
-        return False
 
 
 def checkpoints(folder):
@@ -957,9 +932,9 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     state = load_checkpoint(path)
     old = state["args"]
     differ = [f"{k}: checkpoint {old.get(k)!r}, now {args.get(k)!r}" for k in must_match if old.get(k) != args.get(k)]
+    fix = "resume with the original settings or start a new run in another folder (*_key: the data's or encoder's content)"
     if differ:
-        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}; *_key: the data's or encoder's "
-                         "content): resume with the original settings, or start a new run in another folder")  # fmt: skip
+        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}): {fix}")
     if args["steps"] < state["step"]:
         raise ValueError(f"{path} is at step {state['step']}, past --steps {args['steps']}: raise --steps to continue")
     changed = {k: [old.get(k), v] for k, v in args.items() if k not in must_match and old.get(k) != v}
@@ -1050,30 +1025,22 @@ def lock_folder(folder):
 
 def clean_run_folder(folder):
     """Remove what killed runs left in `folder`: the temporary files (NAME.<pid>.tmp) of writers that no longer run,
-    and the log records past the newest checkpoint (a run killed before its first one leaves no trace)."""
+    and the log of a run killed before its first checkpoint. (A resume logs a `resumed` record at its step, which
+    hides the records past it: read_log.)"""
     for name in os.listdir(folder):
         pid = name.split(".")[-2] if name.endswith(".tmp") and name.count(".") >= 2 else ""
         if pid.isdigit() and not process_exists(int(pid)):
             os.remove(os.path.join(folder, name))
-    saved = checkpoints(folder)
-    newest = int(os.path.basename(saved[-1])[:-3]) if saved else 0
-    path = os.path.join(folder, "log.jsonl")
-    if os.path.isfile(path):
-        records = [r for r in read_log(path) if r.get("step", 0) <= newest]
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
+    if not checkpoints(folder) and os.path.isfile(os.path.join(folder, "log.jsonl")):
+        os.remove(os.path.join(folder, "log.jsonl"))
 
 
 def process_exists(pid):
-    """Whether a process with this id runs (signal 0 only checks)."""
+    """Whether a process with this id runs (signal 0 only asks)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
+    except OSError as e:
+        return not isinstance(e, ProcessLookupError)  # PermissionError: another user's
     return True
 
 
@@ -1101,20 +1068,29 @@ def read_log(path):
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops. A second one
-    stops at once, in one line (a checkpoint being written is finished first: save_checkpoint holds signals). Use as
-    `with GracefulStop() as stop:` and test `stop.requested` after each step."""
+    """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops; a second one
+    stops at once, in one line. Use as `with GracefulStop() as stop:` and test `stop.requested` after each step.
+    GracefulStop(hold=True) only holds the signals for its block and delivers them at its end (save_checkpoint: no
+    signal cuts a write short). Python runs handlers in the main thread: elsewhere nothing is caught."""
 
-    def __init__(self):
+    def __init__(self, hold=False):
+        self.hold = hold
+        self.held = []
         self.requested = False
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        import threading  # Part B only
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
+        if self.hold:
+            self.held.append(signum)
+            return
         if self.requested:
             raise SystemExit("stopped at once: run again to continue from the last checkpoint")
         self.requested = True
@@ -1125,6 +1101,8 @@ class GracefulStop:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        for sig in self.held:
+            signal.raise_signal(sig)
         return False
 
 
@@ -1138,18 +1116,16 @@ def check_finite(record, step, folder):
 
 def pick_device(name=None):
     """--device default: cuda (under torchrun this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
-    if name is None and torch.backends.mps.is_available():
-        name = "mps"
     if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    fix = "use --device cpu, or leave --device out to take the best there is"
     if not available.get(device.type, True):
-        raise ValueError(f"--device {name}: this machine (or this torch) has no {device.type.upper()} GPU: use --device "
-                         "cpu, or leave --device out to take the best there is")
+        raise ValueError(f"--device {name}: this machine (or this torch) has no {device.type.upper()} GPU: {fix}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1328,10 +1304,9 @@ def load_vae(name="ema", device="cpu"):
         # low_cpu_mem_usage=False: the VAE is small; it loads without `accelerate` (and without a warning about it)
         vae = AutoencoderKL.from_pretrained(VAES.get(name, name), low_cpu_mem_usage=False)
     except Exception as e:
-        raise ValueError(
-            f"no SD-VAE from {name!r} ({type(e).__name__}): no folder with config.json, nor on the hub. Put the "
-            f"config.json and diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']} in a folder, pass it as --vae"
-        ) from None
+        files = f"config.json and diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']}"
+        problem = f"no SD-VAE from {name!r} ({type(e).__name__}): no folder with config.json, nor on the hub"
+        raise ValueError(f"{problem}. Put the {files} in a folder, pass it as --vae") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

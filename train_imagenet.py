@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torchvision.utils import save_image
 
 import reg
 
@@ -139,21 +138,23 @@ def prepare(args):
 # Train: the data ----------------------------------------------------------------------------------------------------
 
 
-def load_prepared(folder):
-    """The shards of a finished preparation and its manifest: every shard must be there, with the source it lists."""
+def load_prepared(folder, batch_size):
+    """The shards of a finished preparation, the first row of each (and the count of rows, last), and its manifest:
+    every shard must be there, with the source it lists, and hold a batch."""
     path = Path(folder, "manifest.json")
+    command = f"python train_imagenet.py prepare --data-dir <ImageFolder> --out {folder}"
     if not path.is_file():
-        raise ValueError(
-            f"{folder} holds no manifest.json: run prepare first, "
-            f"python train_imagenet.py prepare --data-dir <ImageFolder> --out {folder}"
-        )
+        raise ValueError(f"{folder} holds no manifest.json: run prepare first, {command}")
     manifest = json.loads(path.read_text())
     shards = []
     for name, source in zip(manifest["shards"], manifest["sources"]):
         shards.append(read_shard(os.path.join(folder, name), source))
         if shards[-1] is None:
             raise ValueError(f"{folder}/{name} is missing, truncated or stale: rerun the `prepare` that made {folder}")
-    return shards, manifest
+    starts = torch.tensor([0] + [len(shard["labels"]) for shard in shards]).cumsum(0)  # (shards + 1,)
+    if starts[-1] < batch_size:
+        raise ValueError(f"{folder} holds {int(starts[-1])} images, fewer than --batch-size {batch_size}")
+    return shards, starts, manifest
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,7 +180,8 @@ def draw_seed(seed, step, position):
 
 def gather(shards, starts, rows, pin):
     """Rows -> a micro-batch's host tensors: mean, std, images, labels (SHARD_KEYS), pinned for a GPU (then its copy
-    need not wait). The rows of each shard are read with one index (memory-mapped). Runs in the loader's thread."""
+    need not wait). The rows of each shard are read with one index (memory-mapped). Runs in the loader's thread, during
+    the step before."""
     rows = rows.sort().values  # grouped by shard (the order within a micro-batch changes nothing)
     shard_of_row = torch.searchsorted(starts, rows, right=True) - 1  # (B,)
     parts = []
@@ -187,22 +189,6 @@ def gather(shards, starts, rows, pin):
         parts.append([shards[s][key][rows[shard_of_row == s] - starts[s]] for key in SHARD_KEYS])
     columns = [torch.cat(column) for column in zip(*parts)]
     return [column.pin_memory() for column in columns] if pin else columns
-
-
-def prefetch(shards, starts, parts, device):
-    """The micro-batches of `parts` (row tensors, in the order they are trained on), each gathered in one background
-    thread while the caller trains on the one before: reading the shards overlaps the step."""
-    pin = device.type == "cuda"
-    on_device = dict(initializer=torch.cuda.set_device, initargs=(device,)) if pin else {}  # pinned for this GPU
-    with ThreadPoolExecutor(1, **on_device) as loader:
-        pending = None
-        for rows in parts:
-            ahead = loader.submit(gather, shards, starts, rows, pin)
-            if pending is not None:
-                yield pending.result()
-            pending = ahead
-        if pending is not None:
-            yield pending.result()
 
 
 def get_batch(host, device, args):
@@ -213,22 +199,6 @@ def get_batch(host, device, args):
     noise = torch.randn(mean.shape, device=device)
     x = (mean.float() + std.float() * noise) * reg.LATENT_SCALE  # (B, 4, h, w), about unit variance
     return x, y, images
-
-
-# Train: sample grids -------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_grid(ema, vae, path, n=16):
-    """A 4 x 4 grid of EMA samples from fixed noise (Euler ODE, 50 steps, no CFG: deterministic, so two grids differ
-    only by the model), decoded by the VAE. sample.py makes the paper's samples."""
-    cfg = ema.cfg
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(vae.device)
-    cls = torch.randn(n, cfg.token_width, generator=g).to(vae.device) if cfg.entangled else None
-    latents, _ = reg.sample(ema, x, torch.arange(n, device=vae.device) % cfg.num_classes, cls, steps=50, mode="euler")
-    images = vae.decode(latents / reg.LATENT_SCALE).sample  # (n, 3, H, W) in [-1, 1]
-    save_image((images + 1) / 2, path, nrow=4)
 
 
 # Train ----------------------------------------------------------------------------------------------------------------
@@ -252,13 +222,10 @@ def processes(args):
 def train(args):
     rank, world, micro, accum, device = processes(args)
     ddp = dist.is_initialized()
-    # Data: the shards stay memory-mapped on the host; a thread gathers each micro-batch ahead (prefetch)
-    shards, manifest = load_prepared(args.data_dir)
-    starts = torch.tensor([0] + [len(shard["labels"]) for shard in shards]).cumsum(0)  # the first row of each shard
+    # Data: the shards stay memory-mapped on the host; a thread gathers a step's micro-batches during the step before
+    shards, starts, manifest = load_prepared(args.data_dir, args.batch_size)
     n = int(starts[-1])
     classes = ["unconditional"] if args.unconditional else manifest["classes"]  # unconditional: every label 0
-    if n < args.batch_size:
-        raise ValueError(f"{args.data_dir} holds {n} images, fewer than --batch-size {args.batch_size}")
     # Model and optimiser
     encoder, model, ema, opt, scaler = build(args, manifest["resolution"] // 8, len(classes), device)
     encoder_key = reg.fingerprint(*encoder.state_dict().values()) if encoder else None  # its weights, not their path
@@ -269,25 +236,22 @@ def train(args):
     if reg.checkpoints(args.out):  # a run folder with checkpoints continues, if it is the same experiment
         start = reg.resume(args.out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model  # after the resume: copies rank 0's
-    vae = reg.load_vae(args.vae or manifest["vae"], device) if args.sample_every and rank == 0 else None
     if rank == 0:
         print(f"{n} images stay on the host, memory-mapped; micro-batches of {micro} go to {device} one ahead")
     # Train
-    parts = (
-        batch_rows(step, rank, world, n, args.batch_size, args.seed)[m * micro : (m + 1) * micro]
-        for step in range(start, args.steps)
-        for m in range(accum)
-    )
-    batches = prefetch(shards, starts, parts, device)
     flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (not the frozen encoder)
     sums = {}  # running sums since the last log, on the device: the loop waits for the device only at logs
     last = (start, time.perf_counter())  # the step and time of the last log record
-    with reg.GracefulStop() as stop:
+    pin = device.type == "cuda"  # pinned host memory (torch pins it in this GPU's context, from any thread)
+    rows_of = functools.partial(batch_rows, rank=rank, world=world, n=n, batch_size=args.batch_size, seed=args.seed)
+    with reg.GracefulStop() as stop, ThreadPoolExecutor(1) as loader:  # one thread, a step ahead
+        ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(start).split(micro)]
         for step in range(start, args.steps):
-            for m in range(accum):
-                waited = time.perf_counter()
-                host = next(batches)
-                reg.add_to(sums, dict(data_wait_s=time.perf_counter() - waited), 1.0)  # input as the bottleneck
+            waited = time.perf_counter()
+            batch = [future.result() for future in ahead]  # gathered during the last step
+            reg.add_to(sums, dict(data_wait_s=time.perf_counter() - waited), 1.0)  # input as the bottleneck
+            ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(step + 1).split(micro)]
+            for m, host in enumerate(batch):
                 torch.manual_seed(draw_seed(args.seed, step, rank * micro * accum + m * micro))
                 x, y, images = get_batch(host, device, args)
                 # DDP averages the gradients once, after the last micro-batch
@@ -304,13 +268,11 @@ def train(args):
                 flag = torch.tensor([float(stopping)])
                 dist.all_reduce(flag)
                 stopping = bool(flag > 0)
-            # Periodic jobs: log (also before every checkpoint, so a non-finite run is never saved), samples, save
+            # Periodic jobs: log (also before every checkpoint, so a non-finite run is never saved), save
             done = step + 1
             save = done % args.ckpt_every == 0 or done == args.steps or stopping
             if save or done % args.log_every == 0:
                 last = reg.log_interval(args.out, done, sums, last, micro * accum, flops_per_image, device)
-            if vae is not None and done % args.sample_every == 0:
-                sample_grid(ema, vae, os.path.join(args.out, f"samples_{done:07d}.png"))
             if save and rank == 0:
                 reg.save_training_state(args.out, done, model, ema, opt, scaler, settings, **extras)
             if stopping:  # GracefulStop has said how to continue
@@ -325,18 +287,15 @@ def build(args, latent, num_classes, device):
     tests)."""
     patch = reg.PRESETS[args.model]["patch_size"]
     if latent % patch:
-        raise ValueError(
-            f"{args.model} cuts the {latent}x{latent} latents ({latent * 8} px / 8) into {patch}x{patch} "
-            f"patches: pick a model with another patch (/2), or prepare a multiple of {8 * patch} px"
-        )
+        fix = f"pick a --model with a smaller patch, or prepare a --resolution that is a multiple of {8 * patch}"
+        raise ValueError(f"{args.model}'s {patch}x{patch} patches do not tile the {latent}x{latent} latents: {fix}")
     torch.manual_seed(args.seed)  # a 'random' encoder (tests) is the same on every process
     needs_encoder = reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder
     grid = latent // patch  # DINOv2 at 14 x grid px: 224 for 256 px, 448 for 512
     encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, device) if needs_encoder else None
     torch.manual_seed(args.seed)  # the init does not depend on the encoder's draws
-    encoder_dim = encoder.dim if encoder else 768
-    model = reg.make_model(args.model, args.method, input_size=latent, num_classes=num_classes, encoder_dim=encoder_dim)
-    model = model.to(device)
+    overrides = dict(input_size=latent, num_classes=num_classes, encoder_dim=encoder.dim if encoder else 768)
+    model = reg.make_model(args.model, args.method, **overrides).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fused = device.type in ("cuda", "cpu")  # one kernel for all parameters, and fp16's scaler never waits for it
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=fused)
@@ -386,8 +345,6 @@ def parser():
     a("--seed", type=reg.nonneg_int, default=0, help="fixes the init, the data order and every random draw; default 0")
     a("--log-every", type=reg.positive_int, default=100, help="steps between log records (interval means); default 100")
     a("--ckpt-every", type=reg.positive_int, default=10_000, help="steps between checkpoints; default 10K")
-    a("--sample-every", type=reg.nonneg_int, default=10_000, help="steps between EMA sample grids; 10K, 0 = off")
-    a("--vae", help="SD-VAE that decodes the grids: ema, mse or a folder; default: the preparation's")
     a("--device", help="default cuda, then mps, then cpu; under torchrun cuda:LOCAL_RANK")
     return p
 

@@ -32,7 +32,7 @@ DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda: train
 CUDA = DEVICE.startswith("cuda")
 LOGGED = ("loss", "denoise", "denoise_cls", "align", "grad_norm", "skipped")  # what every log record sums
 TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", DEVICE]
-TINY += ["--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]
+TINY += ["--batch-size", "4", "--micro-batch", "2"]
 
 
 def prepare(root, out, *extra):
@@ -272,7 +272,9 @@ def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
     assert not (tmp_path / "p4").exists()  # the VAE loads before anything is written
     with pytest.raises(SystemExit, match="no manifest.json: run prepare first, python train_imagenet.py prepare"):
         train(root / "images", tmp_path / "r0")  # an ImageFolder, not a preparation
-    with pytest.raises(SystemExit, match=r"SiT-Ti/8 cuts the 4x4 latents .* pick a model with another patch"):
+    with pytest.raises(
+        SystemExit, match=r"SiT-Ti/8's 8x8 patches do not tile the 4x4 latents: pick a --model with a smaller patch"
+    ):
         train(root / "prep", tmp_path / "r0", "--model", "SiT-Ti/8")
     if not torch.backends.mps.is_available():
         with pytest.raises(SystemExit, match="has no MPS GPU: use --device cpu"):
@@ -296,7 +298,6 @@ BAD_NUMBERS = [
     ("train", "--clip", "0", "a finite number > 0"),
     ("train", "--beta", "-0.1", "a finite number >= 0"),
     ("train", "--lam", "x", "a finite number >= 0"),
-    ("train", "--sample-every", "-1", "an integer >= 0"),
     ("train", "--seed", "-1", "an integer >= 0"),
     ("prepare", "--shard-size", "0", "an integer >= 1"),
     ("prepare", "--classes", "0", "an integer >= 1"),
@@ -368,8 +369,7 @@ def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
     prep = root / "prep"
     micro = ["--micro-batch", "1"]  # 4 micro-batches a step on one process, 2 on each of two (no_sync on the first)
     one = tmp_path / "one"
-    train(prep, one, *micro, "--steps", "3", "--log-every", "1", "--sample-every", "2", "--vae", str(root / "vae"))
-    assert (one / "samples_0000002.png").is_file()
+    train(prep, one, *micro, "--steps", "3", "--log-every", "1")
     log = log_records(one)
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["img_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["skipped"] == 0 for r in log)
@@ -471,8 +471,8 @@ def test_fp16_steps_the_scaler_skips_are_counted_not_logged_as_nan(root, tmp_pat
 def test_batches_hold_the_stored_crops_and_unconditional_has_one_class(root, tmp_path):
     """A batch holds the stored crops and posteriors as they are (the release trains without flips).
     --unconditional: every label 0, a model of one class."""
-    shards, _ = ti.load_prepared(str(root / "prep"))
-    starts = torch.tensor([0, 5, 10, 12])
+    shards, starts, _ = ti.load_prepared(str(root / "prep"), 4)
+    assert starts.tolist() == [0, 5, 10, 12]
     rows = torch.tensor([11, 0, 7, 3, 5, 9, 1, 10, 2, 8, 4, 6])
     stored = torch.cat([s["images"] for s in shards])
     mean = torch.cat([s["mean"] for s in shards]).float()
