@@ -932,7 +932,7 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     state = load_checkpoint(path)
     old = state["args"]
     differ = [f"{k}: checkpoint {old.get(k)!r}, now {args.get(k)!r}" for k in must_match if old.get(k) != args.get(k)]
-    fix = "resume with the original settings or start a new run in another folder (*_key: the data's or encoder's content)"
+    fix = "resume with the original settings, or start a run in another folder (*_key: the data's or encoder's content)"
     if differ:
         raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}): {fix}")
     if args["steps"] < state["step"]:
@@ -983,10 +983,11 @@ def add_to(sums, values, weight):
 
 
 def log_interval(folder, step, sums, last, images_per_step, flops_per_image, device):
-    """One log record from the running sums since the last one (`last` = its step and time): the mean of each value
-    (a loss, the data wait) over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the loop's only sync),
-    the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak memory of this
-    process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`; -> (step, time)."""
+    """One log record from the running sums since the last one (`last` = its step and time): the mean of each value (a
+    loss, the data wait) over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the
+    loop's only sync), the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak
+    memory of this process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`;
+    -> (step, time)."""
     steps = step - last[0]
     keys = sorted(sums)
     values = torch.stack([torch.as_tensor(sums.pop(k), device=device).float() for k in keys])
