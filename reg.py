@@ -986,18 +986,20 @@ def save_model(path, model):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint; a full disk or a
-    read-only folder is an error in words, and the temporary file is removed."""
+    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint (clean_run_folder removes
+    a killed writer's temporary file), nor does a Ctrl-C; a full disk or a read-only folder is an error in words, and
+    the temporary file is removed."""
     tmp = f"{path}.{os.getpid()}.tmp"  # this process's: two writers of one file never share a temporary file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with GracefulStop(hold=True):  # a Ctrl-C or SIGTERM takes effect after the write
+            torch.save(state, tmp)
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise ValueError(f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder; "
-                         "the files written before are intact") from None  # fmt: skip
+        message = f"could not write {path} ({str(e)[:160]}): free disk space or pick a writable folder"
+        raise ValueError(f"{message}; the files written before are intact") from None
 
 
 def checkpoints(folder):
@@ -1027,9 +1029,9 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     state = load_checkpoint(path)
     old = state["args"]
     differ = [f"{k}: checkpoint {old.get(k)!r}, now {args.get(k)!r}" for k in must_match if old.get(k) != args.get(k)]
+    fix = "resume with the original settings, or start a run in another folder (*_key: the data's or encoder's content)"
     if differ:
-        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}; *_key: the data's or encoder's "
-                         "content): resume with the original settings, or start a new run in another folder")  # fmt: skip
+        raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}): {fix}")
     if args["steps"] < state["step"]:
         raise ValueError(f"{path} is at step {state['step']}, past --steps {args['steps']}: raise --steps to continue")
     changed = {k: [old.get(k), v] for k, v in args.items() if k not in must_match and old.get(k) != v}
@@ -1041,7 +1043,7 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     opt.load_state_dict(state["opt"])
     for group in opt.param_groups:  # a changed learning rate wins over the saved one
         group["lr"] = args.get("lr", group["lr"])
-    if state["scaler"] and scaler.is_enabled():  # a bf16 run's scaler is empty; fp16 may start on resume
+    if state["scaler"] and scaler is not None and scaler.is_enabled():  # bf16's is empty; fp16 may start on resume
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -1050,34 +1052,42 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     return state
 
 
-def optimizer_step(model, ema, opt, scaler, clip=1.0, decay=0.9999):
-    """After the backward passes: clip the gradient norm (the paper's 1.0), step AdamW through the GradScaler (which
-    acts only for fp16 and skips a step whose gradient overflowed), clear the gradients, update the EMA.
-    -> (grad norm, skipped): an fp16 skip's norm is 0 and `skipped` 1, so the log's means stay finite."""
-    scaler.unscale_(opt)
+def optimizer_step(model, ema, opt, scaler=None, clip=1.0, decay=0.9999):
+    """After the backward passes: clip the gradient norm (the paper's 1.0), step AdamW, clear the gradients, update the
+    EMA. With an enabled GradScaler (fp16) the step goes through it: it skips a step whose gradient overflowed. Under
+    bf16 or fp32 (scaler None or disabled) AdamW steps directly. -> (grad norm, skipped): an fp16 skip's norm is 0 and
+    `skipped` 1, so the log's means stay finite."""
+    fp16 = scaler is not None and scaler.is_enabled()
+    if fp16:
+        scaler.unscale_(opt)  # the true gradients, to clip them
     grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), clip)
-    scaler.step(opt)
-    scaler.update()
+    if fp16:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     ema_update(ema, model, decay)
-    skipped = torch.isfinite(grad_norm).logical_not() & scaler.is_enabled()  # elsewhere a NaN norm stops the run
+    skipped = torch.isfinite(grad_norm).logical_not() & fp16  # elsewhere a NaN norm stops the run
     return grad_norm.where(~skipped, 0.0), skipped
 
 
 def add_to(sums, values, weight):
-    """sums[k] += weight * values[k], on the device (no host sync)."""
+    """sums[k] += weight * values[k]: tensors on their device (no host sync), numbers (a time) on the host."""
     for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + weight * v.detach().float()
+        v = v.detach().float() if torch.is_tensor(v) else v
+        sums[k] = sums.get(k, 0.0) + weight * v
 
 
 def log_interval(folder, step, sums, last, images_per_step, flops_per_image, device):
-    """One log record from the running sums since the last one (`last` = its step and time): the mean of each loss
-    over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the loop's only sync),
-    the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak memory of this
-    process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`; -> (step, time)."""
+    """One log record from the running sums since the last one (`last` = its step and time): the mean of each value (a
+    loss, the data wait) over the steps (and, under torchrun, the processes: one all_reduce, with the .tolist() the
+    loop's only sync), the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak
+    memory of this process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`;
+    -> (step, time)."""
     steps = step - last[0]
     keys = sorted(sums)
-    values = torch.stack([sums.pop(k).float() for k in keys])
+    values = torch.stack([torch.as_tensor(sums.pop(k), device=device).float() for k in keys])
     world = 1
     if torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
@@ -1097,7 +1107,7 @@ def log_interval(folder, step, sums, last, images_per_step, flops_per_image, dev
 
 def lock_folder(folder):
     """One process per run folder: an exclusive lock on <folder>/lock, for a `with` block (the kernel frees it on any
-    exit, kill -9 included); another process gets an error that says so."""
+    exit, kill -9 included); another process gets an error that says so. Once held, clean_run_folder."""
     import fcntl  # Unix; Part B only, so Part A copies anywhere
 
     os.makedirs(folder, exist_ok=True)
@@ -1107,7 +1117,29 @@ def lock_folder(folder):
     except BlockingIOError:
         lock.close()
         raise ValueError(f"another process is writing to {folder}: wait for it, or pass another --out") from None
+    clean_run_folder(folder)
     return lock
+
+
+def clean_run_folder(folder):
+    """Remove what killed runs left in `folder`: the temporary files (NAME.<pid>.tmp) of writers that no longer run,
+    and the log of a run killed before its first checkpoint. (A resume logs a `resumed` record at its step, which
+    hides the records past it: read_log.)"""
+    for name in os.listdir(folder):
+        pid = name.split(".")[-2] if name.endswith(".tmp") and name.count(".") >= 2 else ""
+        if pid.isdigit() and not process_exists(int(pid)):
+            os.remove(os.path.join(folder, name))
+    if not checkpoints(folder) and os.path.isfile(os.path.join(folder, "log.jsonl")):
+        os.remove(os.path.join(folder, "log.jsonl"))
+
+
+def process_exists(pid):
+    """Whether a process with this id runs (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return not isinstance(e, ProcessLookupError)  # PermissionError: another user's
+    return True
 
 
 def log(folder, **record):
@@ -1134,26 +1166,41 @@ def read_log(path):
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops. A second
-    Ctrl-C aborts at once. Use as `with GracefulStop() as stop:` and test `stop.requested` after each step."""
+    """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops; a second one
+    stops at once, in one line. Use as `with GracefulStop() as stop:` and test `stop.requested` after each step.
+    GracefulStop(hold=True) only holds the signals for its block and delivers them at its end (save_checkpoint: no
+    signal cuts a write short). Python runs handlers in the main thread: elsewhere nothing is caught."""
 
-    def __init__(self):
+    def __init__(self, hold=False):
+        self.hold = hold
+        self.held = []
         self.requested = False
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        import threading  # Part B only
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
+        if self.hold:
+            self.held.append(signum)
+            return
+        if self.requested:
+            raise SystemExit("stopped at once: run again to continue from the last checkpoint")
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping: a checkpoint after this step (run again to continue); Ctrl-C again aborts", flush=True)
+        print(
+            "\nstopping: a checkpoint after this step (run again to continue); Ctrl-C again stops at once", flush=True
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        for sig in self.held:
+            signal.raise_signal(sig)
         return False
 
 
@@ -1167,16 +1214,16 @@ def check_finite(record, step, folder):
 
 def pick_device(name=None):
     """--device default: cuda (under torchrun this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
-    if name is None and torch.backends.mps.is_available():
-        name = "mps"
     if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch no CUDA): use --device cpu")
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    fix = "use --device cpu, or leave --device out to take the best there is"
+    if not available.get(device.type, True):
+        raise ValueError(f"--device {name}: this machine (or this torch) has no {device.type.upper()} GPU: {fix}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1355,10 +1402,9 @@ def load_vae(name="ema", device="cpu"):
         # low_cpu_mem_usage=False: the VAE is small; it loads without `accelerate` (and without a warning about it)
         vae = AutoencoderKL.from_pretrained(VAES.get(name, name), low_cpu_mem_usage=False)
     except Exception as e:
-        raise ValueError(
-            f"no SD-VAE from {name!r} ({type(e).__name__}): no folder with config.json, nor on the hub. Put the "
-            f"config.json and diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']} in a folder, pass it as --vae"
-        ) from None
+        files = f"config.json and diffusion_pytorch_model.safetensors of hf.co/{VAES['ema']}"
+        problem = f"no SD-VAE from {name!r} ({type(e).__name__}): no folder with config.json, nor on the hub"
+        raise ValueError(f"{problem}. Put the {files} in a folder, pass it as --vae") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

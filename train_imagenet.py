@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torchvision.utils import save_image
 
 import reg
 
@@ -110,20 +109,22 @@ def encode_shard(files, source, vae, args):
 def prepare(args):
     rank = int(os.environ.get("RANK", 0))
     classes, files = list_images(args.data_dir, args.classes)
-    vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae  # a folder by its place, however typed
-    identity = dict(classes=classes, resolution=args.resolution, vae=vae, shard_size=args.shard_size)
-    chunks = [files[start : start + args.shard_size] for start in range(0, len(files), args.shard_size)]
-    sources = [reg.fingerprint(identity, chunk) for chunk in chunks]  # what each shard is made from
-    names = [f"shard_{i:05d}.pt" for i in range(len(chunks))]
-    manifest = dict(identity, counts=[len(chunk) for chunk in chunks], shards=names, sources=sources)
+    identity = dict(classes=classes, resolution=args.resolution, shard_size=args.shard_size)
     path = Path(args.out, "manifest.json")
     made = path.is_file() and any(Path(args.out).glob("shard_*.pt"))  # a folder without shards may start over
-    other = json.loads(path.read_text()) if made else manifest
+    other = json.loads(path.read_text()) if made else identity
     if {key: other.get(key) for key in identity} != identity:
         raise ValueError(f"{args.out} holds another preparation: pass another --out, or delete that folder")
+    vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae  # where sample.py finds it
     autoencoder = reg.load_vae(vae, reg.pick_device())  # before any file is written; under torchrun cuda:LOCAL_RANK
-    # Then the manifest: `train` refuses an unfinished preparation by its missing shards, and a preparation of other
-    # classes, resolution, VAE or shard size into this folder is refused once it has a shard.
+    vae_key = reg.fingerprint(*autoencoder.state_dict().values())  # its weights, whatever their folder
+    chunks = [files[start : start + args.shard_size] for start in range(0, len(files), args.shard_size)]
+    sources = [reg.fingerprint(identity, vae_key, chunk) for chunk in chunks]  # what each shard is made from
+    names = [f"shard_{i:05d}.pt" for i in range(len(chunks))]
+    manifest = dict(identity, vae=vae, vae_key=vae_key, counts=[len(c) for c in chunks], shards=names, sources=sources)
+    # Then the manifest: `train` refuses an unfinished preparation by its missing shards, a preparation of other
+    # classes, resolution or shard size into this folder is refused once it has a shard, and other images or VAE
+    # weights remake the shards they change.
     os.makedirs(args.out, exist_ok=True)
     Path(f"{path}.{rank}").write_text(json.dumps(manifest, indent=1))
     os.replace(f"{path}.{rank}", path)  # atomic
@@ -137,15 +138,23 @@ def prepare(args):
 # Train: the data ----------------------------------------------------------------------------------------------------
 
 
-def load_prepared(folder):
-    """The shards of a finished preparation and its manifest: every shard must be there, with the source it lists."""
-    manifest = json.loads(Path(folder, "manifest.json").read_text())
+def load_prepared(folder, batch_size):
+    """The shards of a finished preparation, the first row of each (and the count of rows, last), and its manifest:
+    every shard must be there, with the source it lists, and hold a batch."""
+    path = Path(folder, "manifest.json")
+    command = f"python train_imagenet.py prepare --data-dir <ImageFolder> --out {folder}"
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no manifest.json: run prepare first, {command}")
+    manifest = json.loads(path.read_text())
     shards = []
     for name, source in zip(manifest["shards"], manifest["sources"]):
         shards.append(read_shard(os.path.join(folder, name), source))
         if shards[-1] is None:
             raise ValueError(f"{folder}/{name} is missing, truncated or stale: rerun the `prepare` that made {folder}")
-    return shards, manifest
+    starts = torch.tensor([0] + [len(shard["labels"]) for shard in shards]).cumsum(0)  # (shards + 1,)
+    if starts[-1] < batch_size:
+        raise ValueError(f"{folder} holds {int(starts[-1])} images, fewer than --batch-size {batch_size}")
+    return shards, starts, manifest
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,43 +178,35 @@ def draw_seed(seed, step, position):
     return (seed * 1_000_003 + step) * 1_000_003 + position
 
 
-def get_batch(shards, starts, rows, device, args):
-    """Rows -> x (B, 4, h, w): a fresh latent drawn from each stored posterior and scaled (LDM); y (B,) labels; the
-    uint8 crops (B, 3, H, W) for the encoder. The rows of each shard are read with one index (memory-mapped)."""
+def gather(shards, starts, rows, pin):
+    """Rows -> a micro-batch's host tensors: mean, std, images, labels (SHARD_KEYS), pinned for a GPU (then its copy
+    need not wait). The rows of each shard are read with one index (memory-mapped). Runs in the loader's thread, during
+    the step before."""
     rows = rows.sort().values  # grouped by shard (the order within a micro-batch changes nothing)
     shard_of_row = torch.searchsorted(starts, rows, right=True) - 1  # (B,)
     parts = []
     for s in shard_of_row.unique().tolist():
         parts.append([shards[s][key][rows[shard_of_row == s] - starts[s]] for key in SHARD_KEYS])
-    mean, std, images, y = [torch.cat(column).to(device) for column in zip(*parts)]
+    columns = [torch.cat(column) for column in zip(*parts)]
+    return [column.pin_memory() for column in columns] if pin else columns
+
+
+def get_batch(host, device, args):
+    """A gathered micro-batch -> x (B, 4, h, w): a fresh latent drawn from each stored posterior and scaled (LDM); y
+    (B,) labels; the uint8 crops (B, 3, H, W) for the encoder. The copies to a GPU do not wait (pinned memory)."""
+    mean, std, images, y = [column.to(device, non_blocking=True) for column in host]
     y = torch.zeros_like(y) if args.unconditional else y  # unconditional: one class
     noise = torch.randn(mean.shape, device=device)
     x = (mean.float() + std.float() * noise) * reg.LATENT_SCALE  # (B, 4, h, w), about unit variance
     return x, y, images
 
 
-# Train: sample grids -------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_grid(ema, vae, path, n=16):
-    """A 4 x 4 grid of EMA samples from fixed noise (Euler ODE, 50 steps, no CFG: deterministic, so two grids differ
-    only by the model), decoded by the VAE. sample.py makes the paper's samples."""
-    cfg = ema.cfg
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(vae.device)
-    cls = torch.randn(n, cfg.token_width, generator=g).to(vae.device) if cfg.entangled else None
-    latents, _ = reg.sample(ema, x, torch.arange(n, device=vae.device) % cfg.num_classes, cls, steps=50, mode="euler")
-    images = vae.decode(latents / reg.LATENT_SCALE).sample  # (n, 3, H, W) in [-1, 1]
-    save_image((images + 1) / 2, path, nrow=4)
-
-
 # Train ----------------------------------------------------------------------------------------------------------------
 
 
 def processes(args):
-    """torchrun's process (RANK of WORLD_SIZE, one per GPU; DDP when there are several), its device, and the split of
-    the global batch: micro-batches of `micro` images, `accum` of them per step (gradient accumulation)."""
+    """torchrun's process (RANK of WORLD_SIZE, one per GPU; DDP wherever RANK is set, one process too), its device,
+    and the split of the global batch: micro-batches of `micro` images, `accum` of them per step (accumulation)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     micro = args.micro_batch or args.batch_size // world
@@ -213,19 +214,18 @@ def processes(args):
     if micro * world * accum != args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} is no multiple of --micro-batch x GPUs ({micro} x {world})")
     device = reg.pick_device(args.device)
-    if world > 1:  # NCCL for the GPU's tensors; gloo for the CPU's (the stop flag: agreeing never waits for the GPU)
+    if "RANK" in os.environ:  # NCCL for the GPU's tensors; gloo for the CPU's (the stop flag: agreeing never waits)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, world, micro, accum, device
 
 
 def train(args):
     rank, world, micro, accum, device = processes(args)
-    # Data
-    shards, manifest = load_prepared(args.data_dir)
-    starts = torch.tensor([0] + [len(shard["labels"]) for shard in shards]).cumsum(0)  # the first row of each shard
+    ddp = dist.is_initialized()
+    # Data: the shards stay memory-mapped on the host; a thread gathers a step's micro-batches during the step before
+    shards, starts, manifest = load_prepared(args.data_dir, args.batch_size)
+    n = int(starts[-1])
     classes = ["unconditional"] if args.unconditional else manifest["classes"]  # unconditional: every label 0
-    if starts[-1] < args.batch_size:
-        raise ValueError(f"{args.data_dir} holds {int(starts[-1])} images, fewer than --batch-size {args.batch_size}")
     # Model and optimiser
     encoder, model, ema, opt, scaler = build(args, manifest["resolution"] // 8, len(classes), device)
     encoder_key = reg.fingerprint(*encoder.state_dict().values()) if encoder else None  # its weights, not their path
@@ -235,19 +235,27 @@ def train(args):
     start = 0
     if reg.checkpoints(args.out):  # a run folder with checkpoints continues, if it is the same experiment
         start = reg.resume(args.out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # after the resume: copies rank 0's
-    vae = reg.load_vae(args.vae or manifest["vae"], device) if args.sample_every and rank == 0 else None
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model  # after the resume: copies rank 0's
+    if rank == 0:
+        print(f"{n} images stay on the host, memory-mapped; micro-batches of {micro} go to {device} one ahead")
     # Train
-    sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at logs
+    flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (not the frozen encoder)
+    sums = {}  # running sums since the last log, on the device: the loop waits for the device only at logs
     last = (start, time.perf_counter())  # the step and time of the last log record
-    with reg.GracefulStop() as stop:
+    pin = device.type == "cuda"  # pinned host memory (torch pins it in this GPU's context, from any thread)
+    rows_of = functools.partial(batch_rows, rank=rank, world=world, n=n, batch_size=args.batch_size, seed=args.seed)
+    with reg.GracefulStop() as stop, ThreadPoolExecutor(1) as loader:  # one thread, a step ahead
+        ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(start).split(micro)]
         for step in range(start, args.steps):
-            rows = batch_rows(step, rank, world, int(starts[-1]), args.batch_size, args.seed)
-            for m in range(accum):
-                torch.manual_seed(draw_seed(args.seed, step, rank * len(rows) + m * micro))
-                x, y, images = get_batch(shards, starts, rows[m * micro : (m + 1) * micro], device, args)
+            waited = time.perf_counter()
+            batch = [future.result() for future in ahead]  # gathered during the last step
+            reg.add_to(sums, dict(data_wait_s=time.perf_counter() - waited), 1.0)  # input as the bottleneck
+            ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(step + 1).split(micro)]
+            for m, host in enumerate(batch):
+                torch.manual_seed(draw_seed(args.seed, step, rank * micro * accum + m * micro))
+                x, y, images = get_batch(host, device, args)
                 # DDP averages the gradients once, after the last micro-batch
-                with net.no_sync() if world > 1 and m < accum - 1 else nullcontext():
+                with net.no_sync() if ddp and m < accum - 1 else nullcontext():
                     with reg.autocast(device, args.precision):
                         feats = encoder(images) if encoder else None  # (B, E), (B, T, E)
                         losses = reg.reg_loss(net, x, y, feats, beta=args.beta, lam=args.lam)
@@ -255,39 +263,45 @@ def train(args):
                 reg.add_to(sums, losses, 1 / accum)  # each micro-batch's share of the step's mean
             grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, args.clip, args.ema)  # clip, AdamW, EMA
             reg.add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
-            # every step, the processes agree whether to stop (SIGTERM reaches them at different steps)
-            stopping = torch.tensor([float(stop.requested)])
-            if world > 1:
-                dist.all_reduce(stopping)
-            # Periodic jobs: log (also before every checkpoint, so a non-finite run is never saved), samples, save
+            stopping = stop.requested
+            if ddp:  # the processes agree whether to stop (SIGTERM reaches them at different steps); gloo, no wait
+                flag = torch.tensor([float(stopping)])
+                dist.all_reduce(flag)
+                stopping = bool(flag > 0)
+            # Periodic jobs: log (also before every checkpoint, so a non-finite run is never saved), save
             done = step + 1
-            save = done % args.ckpt_every == 0 or done == args.steps or stopping.item() > 0
+            save = done % args.ckpt_every == 0 or done == args.steps or stopping
             if save or done % args.log_every == 0:
-                flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (not the frozen encoder)
                 last = reg.log_interval(args.out, done, sums, last, micro * accum, flops_per_image, device)
-            if vae is not None and done % args.sample_every == 0:
-                sample_grid(ema, vae, os.path.join(args.out, f"samples_{done:07d}.png"))
             if save and rank == 0:
                 reg.save_training_state(args.out, done, model, ema, opt, scaler, settings, **extras)
-            if stopping.item() > 0:  # GracefulStop has said how to continue
+            if stopping:  # GracefulStop has said how to continue
                 break
-    if world > 1:
+    if ddp:
         dist.destroy_process_group()
 
 
 def build(args, latent, num_classes, device):
-    """The frozen encoder (None for plain SiT), the SiT on latents of side `latent` (32 for 256 px), its EMA, AdamW
-    (the paper's: betas 0.9/0.999, no weight decay) and the GradScaler (fp16 only; on a CPU it scales fp32: tests)."""
-    grid = latent // reg.PRESETS[args.model]["patch_size"]  # DINOv2 at 14 x grid px: 224 for 256 px, 448 for 512
+    """The frozen encoder (None for plain SiT), the SiT on latents of side `latent` (32 for 256 px), its EMA, fused
+    AdamW (the paper's: betas 0.9/0.999, no weight decay) and the GradScaler (fp16 only; on a CPU it scales fp32:
+    tests)."""
+    patch = reg.PRESETS[args.model]["patch_size"]
+    if latent % patch:
+        fix = f"pick a --model with a smaller patch, or prepare a --resolution that is a multiple of {8 * patch}"
+        raise ValueError(f"{args.model}'s {patch}x{patch} patches do not tile the {latent}x{latent} latents: {fix}")
     torch.manual_seed(args.seed)  # a 'random' encoder (tests) is the same on every process
     needs_encoder = reg.SiTConfig(**reg.METHODS[args.method]).needs_encoder
+    grid = latent // patch  # DINOv2 at 14 x grid px: 224 for 256 px, 448 for 512
     encoder = reg.load_encoder(args.encoder, grid, args.encoder_weights, device) if needs_encoder else None
     torch.manual_seed(args.seed)  # the init does not depend on the encoder's draws
-    model = reg.make_model(args.model, args.method, input_size=latent, num_classes=num_classes,
-                           encoder_dim=encoder.dim if encoder else 768).to(device)  # fmt: skip
+    overrides = dict(input_size=latent, num_classes=num_classes, encoder_dim=encoder.dim if encoder else 768)
+    model = reg.make_model(args.model, args.method, **overrides).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0)
+    fused = device.type in ("cuda", "cpu")  # one kernel for all parameters, and fp16's scaler never waits for it
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts on GPUs (as train_cifar.py)
+    torch.backends.cudnn.allow_tf32 = True
     return encoder, model, ema, opt, scaler
 
 
@@ -331,8 +345,6 @@ def parser():
     a("--seed", type=reg.nonneg_int, default=0, help="fixes the init, the data order and every random draw; default 0")
     a("--log-every", type=reg.positive_int, default=100, help="steps between log records (interval means); default 100")
     a("--ckpt-every", type=reg.positive_int, default=10_000, help="steps between checkpoints; default 10K")
-    a("--sample-every", type=reg.nonneg_int, default=10_000, help="steps between EMA sample grids; 10K, 0 = off")
-    a("--vae", help="SD-VAE that decodes the grids: ema, mse or a folder; default: the preparation's")
     a("--device", help="default cuda, then mps, then cpu; under torchrun cuda:LOCAL_RANK")
     return p
 

@@ -2,14 +2,22 @@
 that device; the default is the CPU. The tests use tiny models, for which a second CPU thread only adds
 synchronisation (up to 20-70x slower on a busy 2-core machine)."""
 
+import collections
 import os
 import subprocess
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).parent.parent
+# functions that read a tensor only where it lives on the CPU, by design (reg.check_inputs's label range)
+CPU_ONLY_READS = ("check_inputs",)
 
 
 def pytest_addoption(parser):
@@ -18,6 +26,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     os.environ["REG_TEST_DEVICE"] = config.getoption("--device")  # read by the test modules as DEVICE
+    if config.getoption("--device").startswith("cuda"):  # the tests compare runs bit for bit (resume, DDP)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts; DDP workers inherit it
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,11 +43,75 @@ def one_thread():
 def lock_held_elsewhere(folder):
     """Another process holding the run folder's lock (reg.lock_folder) for the duration; killed (as kill -9) after."""
     code = f"import reg, time; held = reg.lock_folder({str(folder)!r}); print('held', flush=True); time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parent.parent)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "held"
         yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def reads_the_host(func, args):
+    """Whether an aten op reads a tensor's value to the host: what must wait for the device on a GPU. .item(), int(),
+    float() and bool() of a tensor call _local_scalar_dense; torch.equal answers a bool; nonzero, unique and a boolean
+    mask make a shape from the values (an index of integers does not)."""
+    if torch.Tag.data_dependent_output in func.tags:
+        return True
+    if torch.Tag.dynamic_output_shape not in func.tags:
+        return False
+    if func is torch.ops.aten.index.Tensor:
+        return any(index is not None and index.dtype == torch.bool for index in args[1])
+    return True
+
+
+def count_read(reads):
+    """Count one read where the project's innermost frame (not the tests') made it, 'file:line function'; reads by
+    design of CPU tensors only (CPU_ONLY_READS) are not counted."""
+    where = "outside the project"
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename)
+        if path.parent == ROOT and path.suffix == ".py":
+            where = f"{path.name}:{frame.lineno} {frame.name}"
+            break
+    if where.split()[-1] not in CPU_ONLY_READS:
+        reads[where] += 1
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the aten ops that read tensor values to the host (reads_the_host)."""
+
+    def __init__(self, reads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if reads_the_host(func, args):
+            count_read(self.reads)
+        return func(*args, **(kwargs or {}))
+
+
+class ListReads(TorchFunctionMode):
+    """.tolist() and .numpy() read a CPU tensor without an aten op; on a GPU they copy it to the host and wait."""
+
+    def __init__(self, reads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.numpy):
+            count_read(self.reads)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def count_host_reads():
+    """The reads of tensor values to the host made in this thread during the block, as a Counter {'file:line
+    function': n}: on a GPU each is a wait for the device, so a CPU test can show that a loop never waits. Reads in
+    other threads (a data loader's) and reads by design of CPU tensors only (CPU_ONLY_READS) are not counted.
+        with count_host_reads() as reads:
+            ...
+        assert not reads, reads"""
+    reads = collections.Counter()
+    with HostReads(reads), ListReads(reads):
+        yield reads

@@ -2,13 +2,18 @@
 initialised AutoencoderKL of the SD-VAE's architecture, SiT-Ti/2 on 4x4 latents (32 px) and a random DINOv2-S at
 28 px (grid 2)."""
 
+import collections
+import copy
 import functools
 import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -19,14 +24,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for the hub
 diffusers = pytest.importorskip("diffusers")
 import reg  # noqa: E402
 import train_imagenet as ti  # noqa: E402
-from tests.conftest import lock_held_elsewhere  # noqa: E402
+from tests.conftest import count_host_reads, lock_held_elsewhere  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:the REG token is 384 wide")  # SiT-Ti is narrower than DINOv2-S
 ENCODER = "vit_small_patch14_dinov2.lvd142m"
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda: training and DDP (NCCL) on GPUs
+CUDA = DEVICE.startswith("cuda")
 LOGGED = ("loss", "denoise", "denoise_cls", "align", "grad_norm", "skipped")  # what every log record sums
-TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", DEVICE,
-        "--batch-size", "4", "--micro-batch", "2", "--sample-every", "0"]  # fmt: skip
+TINY = ["--model", "SiT-Ti/2", "--encoder", ENCODER, "--encoder-weights", "random", "--device", DEVICE]
+TINY += ["--batch-size", "4", "--micro-batch", "2"]
 
 
 def prepare(root, out, *extra):
@@ -81,6 +87,19 @@ def no_encoder(*args, **kwargs):
     raise AssertionError("plain SiT loaded an encoder")
 
 
+def snapshot_after_each_step(optimizer_step, seen, snapshots, *args, **kwargs):
+    """reg.optimizer_step that keeps a copy of `seen` (the reads or waits so far) after each step."""
+    out = optimizer_step(*args, **kwargs)
+    snapshots.append(copy.copy(seen))
+    return out
+
+
+def signal_in_save(save, signum, *args, **kwargs):
+    """torch.save that sends this process `signum` in the middle of its write."""
+    os.kill(os.getpid(), signum)
+    return save(*args, **kwargs)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def shared_encoder():
     """One random encoder per setting (frozen, so runs can share it; building it is most of a short run's time)."""
@@ -101,8 +120,8 @@ def root(tmp_path_factory):
             Image.fromarray(pixels).save(root / "images" / f"n0{c}" / f"{i}.png")
     torch.manual_seed(0)
     blocks = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # 8x smaller
-    vae = diffusers.AutoencoderKL(**blocks, block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
-                                  norm_num_groups=4)  # fmt: skip
+    small = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    vae = diffusers.AutoencoderKL(**blocks, **small)
     vae.save_pretrained(root / "vae")
     prepare(root, root / "prep")
     return root
@@ -185,17 +204,30 @@ def test_fixing_or_replacing_an_image_remakes_only_its_shards(root, tmp_path):
     assert mtimes(prep) == after
 
 
-def test_the_vae_folder_counts_by_its_place_not_its_spelling(root, tmp_path, monkeypatch):
-    """--vae ./vae and --vae /abs/vae are one preparation (nothing remade), recorded by the absolute path, so sample.py
-    finds the VAE from any working folder."""
+def test_the_vae_counts_by_its_weights_not_its_folder(root, tmp_path, monkeypatch):
+    """--vae ./vae and --vae /abs/vae, or a copy elsewhere, are one preparation (nothing remade); the manifest keeps
+    the absolute path, so sample.py finds the VAE from any working folder. Other weights in the same folder remake
+    every shard, and a run trained on the old shards refuses to continue on the new ones."""
+    shutil.copytree(root / "vae", tmp_path / "vae")
     prep = tmp_path / "prep"
     prepare(root, prep)
     made = mtimes(prep)
     monkeypatch.chdir(root)
-    ti.main(["prepare", "--data-dir", "images", "--out", str(prep), "--resolution", "32", "--vae", "vae",
-             "--shard-size", "5"])  # fmt: skip
+    argv = ["prepare", "--data-dir", "images", "--out", str(prep), "--resolution", "32", "--shard-size", "5"]
+    ti.main([*argv, "--vae", "vae"])
     assert mtimes(prep) == made
-    assert json.loads((prep / "manifest.json").read_text())["vae"] == str(root / "vae")
+    ti.main([*argv, "--vae", str(tmp_path / "vae")])
+    assert mtimes(prep) == made
+    assert json.loads((prep / "manifest.json").read_text())["vae"] == str(tmp_path / "vae")
+    train(prep, tmp_path / "run", "--steps", "1")
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    vae.decoder.conv_out.bias.data += 1  # other weights under the same name
+    vae.save_pretrained(tmp_path / "vae")
+    ti.main([*argv, "--vae", str(tmp_path / "vae")])
+    assert all(new != old for new, old in zip(mtimes(prep), made))
+    with pytest.raises(SystemExit, match=r"data_key: checkpoint '\w+', now '\w+'"):
+        train(prep, tmp_path / "run", "--steps", "2")
 
 
 def test_truncated_or_foreign_shard_is_named_and_prepare_repairs_it(root, tmp_path):
@@ -238,8 +270,15 @@ def test_bad_input_says_what_to_do(root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--vae"):
         ti.main(["prepare", "--data-dir", str(root / "images"), "--out", str(tmp_path / "p4"), "--vae", "/nowhere"])
     assert not (tmp_path / "p4").exists()  # the VAE loads before anything is written
-    with pytest.raises(SystemExit, match="manifest.json"):
+    with pytest.raises(SystemExit, match="no manifest.json: run prepare first, python train_imagenet.py prepare"):
         train(root / "images", tmp_path / "r0")  # an ImageFolder, not a preparation
+    with pytest.raises(
+        SystemExit, match=r"SiT-Ti/8's 8x8 patches do not tile the 4x4 latents: pick a --model with a smaller patch"
+    ):
+        train(root / "prep", tmp_path / "r0", "--model", "SiT-Ti/8")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(SystemExit, match="has no MPS GPU: use --device cpu"):
+            train(root / "prep", tmp_path / "r0", "--device", "mps")
     no_weights = [a for a in TINY if a not in ("--encoder-weights", "random")]
     with pytest.raises(SystemExit, match="--encoder-weights"):  # DINOv2 offline, no file
         ti.main(["train", "--data-dir", str(root / "prep"), "--out", str(tmp_path / "r1"), *no_weights])
@@ -259,7 +298,6 @@ BAD_NUMBERS = [
     ("train", "--clip", "0", "a finite number > 0"),
     ("train", "--beta", "-0.1", "a finite number >= 0"),
     ("train", "--lam", "x", "a finite number >= 0"),
-    ("train", "--sample-every", "-1", "an integer >= 0"),
     ("train", "--seed", "-1", "an integer >= 0"),
     ("prepare", "--shard-size", "0", "an integer >= 1"),
     ("prepare", "--classes", "0", "an integer >= 1"),
@@ -295,28 +333,32 @@ def weights(folder, step):
     return state["model"], state["ema"]
 
 
+# DDP processes: two on the CPU (gloo); on GPUs one per GPU, up to two: with one GPU a single process still runs
+# DDP with NCCL for the gradients and gloo for the stop flag (the mixed backend)
+PROCESSES = min(2, torch.cuda.device_count()) if CUDA else 2
+
+
 def ddp_worker(rank, port, argv, sigterm_rank):
-    """What torchrun sets up for each process (gloo on CPU); `sigterm_rank` receives SIGTERM in its first step."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    """What torchrun sets up for each process; `sigterm_rank` receives SIGTERM in its first step."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1")
+    os.environ.update(MASTER_PORT=str(port))
     if rank == sigterm_rank:
         reg.reg_loss = functools.partial(signal_in_first_loss, reg.reg_loss, signal.SIGTERM, [])
+    torch.use_deterministic_algorithms(CUDA, warn_only=True)  # as the tests' own process (conftest)
     ti.main(argv)
 
 
-def two_processes(argv, sigterm_rank=-1):
+def ddp_processes(argv, sigterm_rank=-1):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    if DEVICE.startswith("cuda") and torch.cuda.device_count() < 2:
-        pytest.skip("DDP on GPUs needs two of them")
     argv = [a if a != DEVICE else DEVICE.split(":")[0] for a in argv]  # each process takes cuda:LOCAL_RANK
     # on the CPU forked, not spawned: the children skip importing torch and timm; CUDA cannot be forked once started
-    start = "spawn" if DEVICE.startswith("cuda") else "fork"
-    context = torch.multiprocessing.start_processes(ddp_worker, (port, argv, sigterm_rank), nprocs=2, join=False,
-                                                    start_method=start)  # fmt: skip
+    start = "spawn" if CUDA else "fork"
+    args = (port, argv, sigterm_rank)
+    context = torch.multiprocessing.start_processes(ddp_worker, args, nprocs=PROCESSES, join=False, start_method=start)
     deadline = time.monotonic() + 120
-    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # False until both have ended
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # False until all have ended
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
@@ -327,14 +369,13 @@ def test_two_processes_equal_one_and_resume_is_exact(root, tmp_path):
     prep = root / "prep"
     micro = ["--micro-batch", "1"]  # 4 micro-batches a step on one process, 2 on each of two (no_sync on the first)
     one = tmp_path / "one"
-    train(prep, one, *micro, "--steps", "3", "--log-every", "1", "--sample-every", "2", "--vae", str(root / "vae"))
-    assert (one / "samples_0000002.png").is_file()
+    train(prep, one, *micro, "--steps", "3", "--log-every", "1")
     log = log_records(one)
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["img_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["skipped"] == 0 for r in log)
     two = tmp_path / "two"  # 1 step, then resumed to 3: every process must resume its optimiser too
     for steps in (["--steps", "1"], ["--steps", "3"]):
-        two_processes(["train", "--data-dir", str(prep), "--out", str(two), *TINY, *micro, *steps, "--log-every", "1"])
+        ddp_processes(["train", "--data-dir", str(prep), "--out", str(two), *TINY, *micro, *steps, "--log-every", "1"])
     (m1, e1), (m2, e2) = weights(one, 3), weights(two, 3)
     init = reg.make_model("SiT-Ti/2", input_size=4, num_classes=3, encoder_dim=384).state_dict()
     assert any(not torch.allclose(m1[k], init[k]) for k in m1)  # it did train
@@ -356,7 +397,7 @@ def test_sigterm_to_one_process_stops_both_at_the_next_step(root, tmp_path):
     """torchrun: a SIGTERM that reaches one process only still stops both after the same step, with a checkpoint."""
     run = tmp_path / "run"
     argv = ["train", "--data-dir", str(root / "prep"), "--out", str(run), *TINY, "--steps", "5"]
-    two_processes(argv, sigterm_rank=1)
+    ddp_processes(argv, sigterm_rank=PROCESSES - 1)
     assert [os.path.basename(p) for p in reg.checkpoints(str(run))] == ["0000001.pt"]
     assert [r["step"] for r in log_records(run)] == [1]
 
@@ -406,10 +447,12 @@ def test_nonfinite_loss_stops_without_saving_it(root, tmp_path):
 
 
 def test_fp16_steps_the_scaler_skips_are_counted_not_logged_as_nan(root, tmp_path, monkeypatch):
-    """fp16: a step whose scaled gradient overflows is skipped by the GradScaler (which halves its scale). Forced here
-    on the CPU (where the scaler scales fp32 gradients): step 2's loss times 1e4 overflows a scale of 2^120. The log
-    counts the skipped step, and its grad norm is the mean over the steps that were taken."""
-    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**120))
+    """fp16: a step whose scaled gradient overflows is skipped by the GradScaler (which halves its scale). Forced here:
+    step 2's loss times 1e4 overflows a scale of 2^120 on the CPU (where the scaler scales fp32 gradients), or on a
+    GPU real fp16 gradients at 2^16 (which the other steps' survive). The log counts the skipped step, and its grad
+    norm is the mean over the steps that were taken."""
+    scale = 2.0**16 if CUDA else 2.0**120
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=scale))
     monkeypatch.setattr(reg, "reg_loss", functools.partial(overflow_in_step_2, reg.reg_loss, []))
     every = tmp_path / "every"
     train(root / "prep", every, "--steps", "6", "--log-every", "1", "--precision", "fp16")
@@ -421,15 +464,15 @@ def test_fp16_steps_the_scaler_skips_are_counted_not_logged_as_nan(root, tmp_pat
     assert three[0]["grad_norm"] == pytest.approx((steps[0]["grad_norm"] + steps[2]["grad_norm"]) / 2, rel=1e-5)
     assert all(np.isfinite(r[key]) for r in steps + three for key in LOGGED)
     state = load(every / "0000006.pt")
-    assert state["scaler"]["scale"] == 2.0**119  # halved once
+    assert state["scaler"]["scale"] == scale / 2  # halved once
     assert all(torch.equal(state["model"][k], v) for k, v in load(tmp_path / "three" / "0000006.pt")["model"].items())
 
 
 def test_batches_hold_the_stored_crops_and_unconditional_has_one_class(root, tmp_path):
     """A batch holds the stored crops and posteriors as they are (the release trains without flips).
     --unconditional: every label 0, a model of one class."""
-    shards, _ = ti.load_prepared(str(root / "prep"))
-    starts = torch.tensor([0, 5, 10, 12])
+    shards, starts, _ = ti.load_prepared(str(root / "prep"), 4)
+    assert starts.tolist() == [0, 5, 10, 12]
     rows = torch.tensor([11, 0, 7, 3, 5, 9, 1, 10, 2, 8, 4, 6])
     stored = torch.cat([s["images"] for s in shards])
     mean = torch.cat([s["mean"] for s in shards]).float()
@@ -437,7 +480,8 @@ def test_batches_hold_the_stored_crops_and_unconditional_has_one_class(root, tmp
     order = rows.sort().values  # the rows come grouped by shard
     for flags, labels in (([], [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]), (["--unconditional"], [0] * 12)):
         args = ti.parser().parse_args(["train", "--data-dir", "d", *TINY, *flags])
-        x, y, images = ti.get_batch(still, starts, rows, torch.device("cpu"), args)
+        host = ti.gather(still, starts, rows, pin=False)
+        x, y, images = ti.get_batch(host, torch.device("cpu"), args)
         assert torch.equal(images, stored[order]) and torch.allclose(x, mean[order] * reg.LATENT_SCALE)
         assert y.tolist() == labels
     train(root / "prep", tmp_path, "--steps", "1", "--unconditional")
@@ -457,3 +501,73 @@ def test_two_trainers_on_one_folder_are_refused(root, tmp_path):
         with pytest.raises(SystemExit, match="another process is writing"):
             train(root / "prep", tmp_path, "--steps", "1")
     train(root / "prep", tmp_path, "--steps", "1")  # the lock ends with its process
+
+
+def test_a_training_step_reads_nothing_from_the_device(root, tmp_path, monkeypatch):
+    """Between log steps a training step reads no tensor value to the host, so on a GPU the host never waits for the
+    device and runs ahead (counted on the CPU by a dispatch mode: conftest.count_host_reads). Steps 1 and 2 do not
+    log; step 3 logs and saves (those reads are allowed)."""
+    snapshots = []
+    with count_host_reads() as reads:
+        step = functools.partial(snapshot_after_each_step, reg.optimizer_step, reads, snapshots)
+        monkeypatch.setattr(reg, "optimizer_step", step)
+        train(root / "prep", tmp_path, "--steps", "3", "--log-every", "3", "--precision", "fp16")
+    assert snapshots[1] - snapshots[0] == collections.Counter()  # step 2, whole: data, forward, backward, AdamW, EMA
+    assert reads - snapshots[1], "the log step's reads were not seen: is the counter working?"
+
+
+@pytest.mark.skipif(not CUDA, reason="counts a GPU's waits: pytest --device cuda")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_training_step_never_waits_for_the_gpu(root, tmp_path, monkeypatch, precision):
+    """pytest --device cuda: CUDA's sync debug mode reports no wait between the end of step 1 and the end of step 2
+    (data, copies to the GPU, forward, backward, clip, AdamW, EMA), with the GradScaler of fp16 too."""
+    snapshots = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step = functools.partial(snapshot_after_each_step, reg.optimizer_step, caught, snapshots)
+            monkeypatch.setattr(reg, "optimizer_step", step)
+            train(root / "prep", tmp_path, "--steps", "3", "--log-every", "3", "--precision", precision)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
+    assert [w for w in waits if "synchroniz" in w] == []
+
+
+def test_a_killed_run_leaves_no_trace(root, tmp_path):
+    """A rerun removes what a killed run left: the log records past the newest checkpoint (here: none, the run was
+    killed before its first) and the temporary files of writers that no longer run; a live writer's file stays."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    reg.log(str(tmp_path), step=88, loss=1.0)  # the killed run's record
+    (tmp_path / f"0000100.pt.{dead_pid}.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f"0000100.pt.{os.getppid()}.tmp").write_bytes(b"a live writer's")
+    train(root / "prep", tmp_path, "--steps", "2", "--log-every", "1", "--ckpt-every", "1")
+    assert [r["step"] for r in reg.read_log(str(tmp_path / "log.jsonl"))] == [1, 2]
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == [f"0000100.pt.{os.getppid()}.tmp"]
+    reg.log(str(tmp_path), step=3, loss=1.0)  # killed after logging step 3, before its checkpoint
+    train(root / "prep", tmp_path, "--steps", "3", "--log-every", "1", "--ckpt-every", "1")
+    assert [r["step"] for r in log_records(tmp_path)] == [1, 2, 3]
+
+
+def test_a_second_ctrl_c_in_a_checkpoint_write_finishes_it_then_stops_in_one_line(root, tmp_path, monkeypatch):
+    calls = []  # the first Ctrl-C in step 1, the second in its checkpoint's write
+    monkeypatch.setattr(reg, "reg_loss", functools.partial(signal_in_first_loss, reg.reg_loss, signal.SIGINT, calls))
+    monkeypatch.setattr(torch, "save", functools.partial(signal_in_save, torch.save, signal.SIGINT))
+    with pytest.raises(SystemExit, match="^stopped at once: run again to continue from the last checkpoint$"):
+        train(root / "prep", tmp_path, "--steps", "9")
+    assert [os.path.basename(p) for p in reg.checkpoints(str(tmp_path))] == ["0000001.pt"]
+    assert load(tmp_path / "0000001.pt")["step"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_optimizer_step_without_fp16_steps_adamw_directly():
+    """bf16 and fp32 need no GradScaler: None (or a disabled one) and AdamW steps directly; fp16's goes through it."""
+    model = torch.nn.Linear(3, 2)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for scaler in (None, torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=4.0)):
+        before = model.weight.detach().clone()
+        (scaler.scale(model(torch.ones(1, 3)).sum()) if scaler else model(torch.ones(1, 3)).sum()).backward()
+        grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler)
+        assert not bool(skipped) and grad_norm > 0 and not torch.equal(model.weight, before)
