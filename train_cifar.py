@@ -16,9 +16,9 @@ import argparse
 import copy
 import functools
 import os
-import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +31,8 @@ import reg
 
 # what makes a run another experiment: a run folder with checkpoints continues from the newest only if none of these
 # changed (the rest may change, and is logged)
-MUST_MATCH = ("model", "method", "beta", "lam", "batch_size", "seed", "encoder", "limit", "holdout", "unconditional",
-              "ema", "token_dim", "data_key", "encoder_key")  # fmt: skip
+MUST_MATCH = "model method beta lam batch_size seed encoder limit holdout unconditional ema token_dim data_key".split()
+MUST_MATCH += ["encoder_key"]  # the data's and the encoder's content (reg.fingerprint), whatever their names
 # what `python train_cifar.py` runs on a machine without a GPU (any flag given wins; --recipe paper: the paper's)
 CPU_RECIPE = (
     "--model SiT-Ti/4 --limit 1000 --batch-size 32 --steps 2000 --lr 1e-3 --ema 0.995 --sample-every 250 "
@@ -123,8 +123,10 @@ def split(args, dataset):
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     train = order[args.holdout :][: args.limit or None]
     if len(train) < max(args.limit, args.batch_size):
-        raise ValueError(f"{len(dataset)} images leave {len(train)} for training after --holdout {args.holdout}, fewer "
-                         f"than --limit {args.limit} or --batch-size {args.batch_size}: lower them")  # fmt: skip
+        raise ValueError(
+            f"{len(dataset)} images leave {len(train)} for training after --holdout {args.holdout}, fewer "
+            f"than --limit {args.limit} or --batch-size {args.batch_size}: lower them"
+        )
     return train.sort().values, order[: args.holdout].sort().values
 
 
@@ -133,7 +135,8 @@ def check_memory(args, n_images, side, encoder):
     gradients, AdamW's two moments and the EMA (20 bytes a parameter), the activations a training step keeps per
     image (fp32, measured on SiT-S/2 and B/2 here: about 12 D + 2.5 MLP widths per token and block) and the images."""
     cfg = reg.SiTConfig(**{**reg.PRESETS[args.model], **reg.METHODS[args.method]}, input_size=side, in_channels=3)
-    with torch.device("meta"):  # the parameter count without the memory
+    with torch.device("meta"), warnings.catch_warnings():  # the parameter count, without memory or a warning
+        warnings.simplefilter("ignore")
         params = sum(p.numel() for p in reg.SiT(cfg).parameters())
     tokens = cfg.grid**2 + 1
     per_image = 4 * cfg.depth * tokens * (12 * cfg.hidden_size + 2.5 * cfg.hidden_size * cfg.mlp_ratio)
@@ -141,9 +144,11 @@ def check_memory(args, n_images, side, encoder):
     need = 20 * params + args.batch_size * per_image + n_images * 3 * side**2 + encoder_bytes
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
-        raise ValueError(f"{args.model} at --batch-size {args.batch_size} needs about {need / 2**30:.0f} GiB, this "
-                         f"machine has {have / 2**30:.0f}: lower --batch-size, pick a smaller --model, or drop "
-                         "--recipe paper for the CPU recipe")  # fmt: skip
+        raise ValueError(
+            f"{args.model} at --batch-size {args.batch_size} needs about {need / 2**30:.0f} GiB, this "
+            f"machine has {have / 2**30:.0f}: lower --batch-size, pick a smaller --model, or drop "
+            "--recipe paper for the CPU recipe"
+        )
 
 
 def load_data(args, dataset, device):
@@ -153,8 +158,10 @@ def load_data(args, dataset, device):
     arrays = [np.asarray(dataset[i][0]) for i in tqdm(keep, desc="reading images", disable=len(keep) < 5000)]
     sizes = sorted({a.shape for a in arrays})
     if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:
-        raise ValueError(f"--data-dir {args.data_dir}: images of sizes {sizes[:3]} (H, W, 3), the model needs one "
-                         "square size: crop or resize them to one square size")  # fmt: skip
+        raise ValueError(
+            f"--data-dir {args.data_dir}: images of sizes {sizes[:3]} (H, W, 3), the model needs one "
+            "square size: crop or resize them to one square size"
+        )
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N + holdout, 3, H, W)
     labels = torch.tensor(dataset.targets)[keep]
     classes = dataset.classes
@@ -212,23 +219,14 @@ def features(data, u8, idx, flip):
 def open_cache(args, data, key):
     """The encoder's features of every image and its mirror, (2, N + holdout, 1+T, E) float16, in one file named by
     `key` (the images and the encoder's weights and grid), so it can never serve other data. Built on first
-    use into a temporary file of this process, renamed when whole; Ctrl-C or SIGTERM removes it."""
+    use into a temporary file of this process, renamed when whole (a stopped build's is removed by the next one)."""
     path = os.path.join(args.cache_dir, f"feats-{key}.npy")
     if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(args.cache_dir, exist_ok=True)
+        reg.clean_run_folder(args.cache_dir)  # the temporary files of builds that were killed or stopped
         tmp = f"{path}.{os.getpid()}.tmp"
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: clean up
-        try:
-            build_cache(tmp, data, args.batch_size)
-            os.replace(tmp, path)
-        except KeyboardInterrupt:
-            raise ValueError(
-                "interrupted building the feature cache; the partial file was removed: run again"
-            ) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        build_cache(tmp, data, args.batch_size)
+        os.replace(tmp, path)
     try:
         return np.load(path, mmap_mode="r")
     except ValueError as e:  # truncated or damaged by something else: our writes are atomic
@@ -266,7 +264,7 @@ def to_device_if_fits(array, device, what):
 
 
 def training_tokens(data, cfg):
-    """The encoder token (N, E) of every training image, unflipped: for --token-dim's directions and the centroids."""
+    """The encoder token (N, E) of every training image, unflipped: for --token-dim's directions."""
     idx = torch.arange(data.n_train, device=data.images.device)
     tokens = []
     for part in idx.split(256):
@@ -288,6 +286,8 @@ def main(args):
         return train(args)
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # outside the training loop (which saves and stops): reading data, building the cache
+        raise SystemExit("stopped; what was written is whole: run the same command again to continue") from None
 
 
 def train(args):
@@ -318,7 +318,7 @@ def train(args):
         step = 0
         if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
             step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
-        judge = make_judge(args, data, ema) if args.eval_every else None
+        judge = make_judge(args, data) if args.eval_every else None
         print(f"run {out}: {args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, step {step}")
         if step == args.steps:
             print(f"{out} already finished at step {step}: raise --steps to train on")
@@ -347,8 +347,10 @@ def train(args):
                 if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                     reg.save_training_state(out, step, model, ema, opt, scaler, settings, KEEP)
         plot_run(out)
-    print(f"{'stopped' if stop.requested else 'done'} at step {step}: {out} holds the checkpoint, log.jsonl, losses.png"
-          + (", samples_*.png and strip_*.png" if args.sample_every else ""))  # fmt: skip
+    print(
+        f"{'stopped' if stop.requested else 'done'} at step {step}: {out} holds the checkpoint, log.jsonl, losses.png"
+        + (", samples_*.png and strip_*.png" if args.sample_every else "")
+    )
     return out, stop.requested
 
 
@@ -392,20 +394,14 @@ def forecast(args, step, started, device):
 # Samples, evaluation and the diagnostics ------------------------------------------------------------------------------
 
 
-def make_judge(args, data, ema):
-    """What evaluations reuse: the FD encoder, its statistics over the training images (cached by content) and the
-    class centroids of the real tokens (for where generated tokens land)."""
+def make_judge(args, data):
+    """What evaluations reuse: the FD encoder and its statistics over the training images (cached by content)."""
     with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
         torch.manual_seed(args.seed)
-        fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, data.images.device,
-                                      "--fd-encoder-weights")  # fmt: skip
-    training = data.images[: data.n_train]
-    reference = reg.fd_stats(fd_encoder, training, args.batch_size, args.cache_dir)
-    centroids = None
-    if ema.cfg.entangled:
-        tokens = ema.project_token(training_tokens(data, ema.cfg))  # (N, K)
-        centroids = reg.class_centroids(tokens, data.labels[: data.n_train], len(data.classes))
-    return fd_encoder, reference, centroids
+        device = data.images.device
+        fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device, "--fd-encoder-weights")
+    reference = reg.fd_stats(fd_encoder, data.images[: data.n_train], args.batch_size, args.cache_dir)
+    return fd_encoder, reference
 
 
 def generate(args, ema, x, y, cls, trace=None):
@@ -445,7 +441,7 @@ def evaluate(args, ema, data, judge, out, step):
     """Log the held-out loss per t bin; FD of --eval-n EMA samples (the classes in turn) against the training set, and
     of each half (their spread is the evaluation noise); for an entangled token, where the generated tokens land and
     their consistency with the encoder's token of the image they came with."""
-    fd_encoder, reference, centroids = judge
+    fd_encoder, reference = judge
     held = torch.arange(data.n_train, len(data.images), device=data.images.device)
     held_feats = features(data, data.images[held], held, torch.zeros_like(held))
     bins = reg.loss_per_t_bin(ema, to_pixels(data.images[held]), data.labels[held], held_feats, BINS, args.seed)
@@ -453,8 +449,10 @@ def evaluate(args, ema, data, judge, out, step):
     x = torch.randn(args.eval_n, *data.images.shape[1:], generator=g).to(data.images.device)
     cls = torch.randn(args.eval_n, ema.cfg.token_width, generator=g).to(data.images.device)
     y = torch.arange(args.eval_n, device=data.images.device) % len(data.classes)
-    parts = [generate(args, ema, *batch) for batch in zip(x.split(args.batch_size), y.split(args.batch_size),
-                                                          cls.split(args.batch_size))]  # fmt: skip
+    parts = [
+        generate(args, ema, *batch)
+        for batch in zip(x.split(args.batch_size), y.split(args.batch_size), cls.split(args.batch_size))
+    ]
     images = ((torch.cat([p[0] for p in parts]) + 1) * 127.5).round().to(torch.uint8)  # (n, 3, H, W)
     feats = torch.cat([fd_encoder(part)[0].double() for part in images.split(args.batch_size)])
     half = len(feats) // 2
@@ -463,12 +461,13 @@ def evaluate(args, ema, data, judge, out, step):
         record[name] = round(reg.frechet_distance((part.mean(0), torch.cov(part.T)), reference), 4)
     if ema.cfg.entangled:
         tokens = torch.cat([p[1] for p in parts]).float()
-        record.update(reg.token_landing(tokens, y, centroids))
         real = torch.cat([ema.token_of(data.encoder(part)) for part in images.split(args.batch_size)])
         record["token_consistency"] = round(float(F.cosine_similarity(real.float(), tokens, dim=-1).mean()), 4)
     reg.log(out, **record)
-    tqdm.write(f"step {step}: FD_{args.fd_encoder} of {args.eval_n} EMA samples "
-               + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))  # fmt: skip
+    tqdm.write(
+        f"step {step}: FD_{args.fd_encoder} of {args.eval_n} EMA samples "
+        + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
+    )
 
 
 def compare(args):
@@ -490,96 +489,65 @@ def compare(args):
 
 
 def report(out, runs, methods, seeds, judge):
-    """compare.md: each method against the baseline (sit if compared, else the first method) at the last evaluation,
-    seed by seed (seeds are paired: one method's seeds spread more than methods differ): FD, the held-out image loss
-    per t bin, and where the generated token lands. compare.png draws the same."""
+    """compare.md and compare.png: each method against the baseline (sit if compared, else the first method) at the
+    last evaluation, seed by seed (one method's seeds spread more than methods differ, so seeds are paired): FD, and
+    the held-out image loss per t bin in % of the baseline's."""
     base = "sit" if "sit" in methods else methods[0]
-    others = [m for m in methods if m != base]
-    fd = {key: r["fd"] for key, r in runs.items()}
     step = runs[base, seeds[0]]["step"]
-    lines = [f"FD_{judge} of the EMA samples at step {step} against the training images (lower is better)", ""]
-    lines += ["| seed | " + " | ".join([base] + [f"{m} | {m} - {base}" for m in others]) + " |"]
-    lines += ["|---" * (1 + len(methods) + len(others)) + "|"]
-    for seed in seeds:
-        cells = [f"{fd[base, seed]:.2f}"] + [f"{fd[m, seed]:.2f} | {fd[m, seed] - fd[base, seed]:+.2f}" for m in others]
-        lines += [f"| {seed} | " + " | ".join(cells) + " |"]
-    cells = [mean_sd([fd[base, s] for s in seeds])]
-    for m in others:
-        differences = [fd[m, s] - fd[base, s] for s in seeds]
-        lower = sum(d < 0 for d in differences)
-        cells += [mean_sd([fd[m, s] for s in seeds]), f"{mean_sd(differences)}, lower in {lower} of {len(seeds)}"]
-    lines += ["| mean (sd) | " + " | ".join(cells) + " |", ""]
-    lines += [f"Held-out image velocity loss per t bin at step {step} ({base}: mean over seeds; the others: mean "
-              f"difference to {base} in %, and in how many seeds lower)", ""]  # fmt: skip
-    lines += ["| t | " + " | ".join([base] + others) + " |", "|---" * (2 + len(others)) + "|"]
+    fd = {key: r["fd"] for key, r in runs.items()}
+    diff = {m: [fd[m, s] - fd[base, s] for s in seeds] for m in methods}
+    bins = {
+        m: [[100 * (a / b - 1) for a, b in zip(runs[m, s]["bin_denoise"], runs[base, s]["bin_denoise"])] for s in seeds]
+        for m in methods
+    }
+    lines = [f"FD_{judge} at step {step}, lower is better; the others: their difference to {base}, seed by seed", ""]
+    lines += ["| seed | " + " | ".join(methods) + " |", "|---" * (1 + len(methods)) + "|"]
+    for i, s in enumerate(seeds):
+        cells = [f"{fd[m, s]:.2f}" + (f" ({diff[m][i]:+.2f})" if m != base else "") for m in methods]
+        lines += [f"| {s} | " + " | ".join(cells) + " |"]
+    cells = [f"{np.mean([fd[m, s] for s in seeds]):.2f}" for m in methods]
+    lines += ["| mean | " + " | ".join(cells) + " |"]
+    cells = [
+        f"{np.mean(diff[m]):+.2f} +- {np.std(diff[m]):.2f}, lower in {sum(d < 0 for d in diff[m])}" for m in methods
+    ]
+    lines += [f"| minus {base} (of {len(seeds)} seeds) | " + " | ".join(cells) + " |"]
+    lines += [
+        "",
+        f"Held-out image loss per t bin at step {step}: difference to {base} in %, mean over seeds (lower in)",
+    ]
+    lines += ["", "| t | " + " | ".join(methods) + " |", "|---" * (1 + len(methods)) + "|"]
     for b, t in enumerate(runs[base, seeds[0]]["bin_t"]):
-        base_loss = [runs[base, s]["bin_denoise"][b] for s in seeds]
-        cells = [f"{np.mean(base_loss):.4f}"]
-        for m in others:
-            relative = [100 * (runs[m, s]["bin_denoise"][b] / runs[base, s]["bin_denoise"][b] - 1) for s in seeds]
-            cells += [f"{np.mean(relative):+.1f}%, lower in {sum(r < 0 for r in relative)} of {len(seeds)}"]
+        cells = [f"{np.mean([d[b] for d in bins[m]]):+.1f}% ({sum(d[b] < 0 for d in bins[m])})" for m in methods]
         lines += [f"| {t:.2f} | " + " | ".join(cells) + " |"]
-    for m in methods:
-        if "token_match" in runs[m, seeds[0]]:
-            means = {
-                k: np.mean([runs[m, s][k] for s in seeds]) for k in ("token_match", "token_cos", "token_consistency")
-            }
-            lines += [
-                "",
-                f"{m}'s generated token (mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()),
-            ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
-    draw_comparison(os.path.join(out, "compare.png"), out, methods, seeds, base, judge)
+    draw_comparison(os.path.join(out, "compare.png"), runs, methods, seeds, diff, bins, base, judge)
     print(text + f"comparison: {out}/compare.md, {out}/compare.png")
 
 
-def mean_sd(values):
-    return f"{np.mean(values):.2f} ({np.std(values, ddof=1) if len(values) > 1 else 0:.2f})"
-
-
-def draw_comparison(png, out, methods, seeds, base, judge):
-    """Three panels: FD over the steps (a colour per method, a marker per seed); the last FD of each seed, paired
-    across methods by a line; each method's held-out image loss per t bin relative to the baseline, seed by seed."""
+def draw_comparison(png, runs, methods, seeds, diff, bins, base, judge):
+    """Two panels, a colour per method and a marker per seed: FD minus the baseline's, seed by seed; and the held-out
+    image loss per t bin in % of the baseline's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (over_steps, paired, bins) = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     markers = "osD^v<>ph*"
-    evals = {
-        (m, s): [r for r in reg.read_log(f"{out}/{m}-seed{s}/log.jsonl") if "fd" in r] for m in methods for s in seeds
-    }
-    for (m, s), records in evals.items():
-        marker = markers[seeds.index(s) % len(markers)]
-        label = m if s == seeds[0] else None
-        over_steps.plot(
-            [r["step"] for r in records], [r["fd"] for r in records], color=colours[m], marker=marker, label=label
-        )
-    for i, s in enumerate(seeds):
-        last = [evals[m, s][-1]["fd"] for m in methods]
-        paired.plot(
-            range(len(methods)), last, color="grey", lw=0.8, marker=markers[i % len(markers)], label=f"seed {s}"
-        )
-    for m in methods:
-        if m == base:
-            continue
-        for i, s in enumerate(seeds):
-            t = evals[m, s][-1]["bin_t"]
-            relative = [
-                100 * (a / b - 1) for a, b in zip(evals[m, s][-1]["bin_denoise"], evals[base, s][-1]["bin_denoise"])
-            ]
-            label = f"{m} - {base}" if i == 0 else None
-            bins.plot(t, relative, color=colours[m], marker=markers[i % len(markers)], lw=0.8, label=label)
-    bins.axhline(0, color=colours[base], lw=1)
-    over_steps.set(title=f"FD_{judge} over training (markers: seeds)", xlabel="step", ylabel="FD (lower is better)")
-    paired.set(title="last FD, seed by seed", ylabel="FD (lower is better)", xticks=range(len(methods)))
-    paired.set_xticklabels(methods)
-    bins.set(title=f"held-out image loss vs {base}, per t bin", xlabel="t (0 data, 1 noise)", ylabel="difference (%)")
-    for ax in (over_steps, paired, bins):
+    for i, m in enumerate(methods):
+        for j, s in enumerate(seeds):
+            label = m if j == 0 else None
+            left.scatter(i + 0.05 * j, diff[m][j], color=f"C{i}", marker=markers[j % 10], label=label)
+            right.plot(runs[m, s]["bin_t"], bins[m][j], color=f"C{i}", marker=markers[j % 10], lw=0.8, label=label)
+    left.set(title=f"FD_{judge} - {base}'s, seed by seed (markers)", ylabel="FD difference (lower is better)")
+    left.set(xticks=range(len(methods)), xticklabels=methods)
+    right.set(
+        title=f"held-out image loss vs {base}'s, per t bin", xlabel="t (0 data, 1 noise)", ylabel="difference (%)"
+    )
+    for ax in (left, right):
+        ax.axhline(0, color="grey", lw=0.8)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -648,8 +616,10 @@ def parse_args(argv=None):
         p.error("--seeds and --methods are for --compare; a single run takes --seed and --method")
     same_space = reg.ENCODERS.get(args.fd_encoder, args.fd_encoder) == reg.ENCODERS.get(args.encoder, args.encoder)
     if args.compare and (not args.eval_every or same_space):
-        p.error("--compare judges by FD: it needs --eval-every, and an --fd-encoder other than --encoder (an FD in the "
-                "alignment encoder's own space may favour the methods trained toward it)")  # fmt: skip
+        p.error(
+            "--compare judges by FD: it needs --eval-every, and an --fd-encoder other than --encoder (an FD in the "
+            "alignment encoder's own space may favour the methods trained toward it)"
+        )
     if args.out and os.path.isfile(args.out):
         p.error(f"--out {args.out} is a file: pass a folder (new, or a run's to continue it)")
     return args
