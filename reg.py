@@ -1437,7 +1437,8 @@ def save_grid(path, images, rows, columns=(), title=""):
     gap = 4
     left = 8 + 6 * max(len(name) for name in rows)  # PIL's default font: about 6 px a character
     top = 14 * (bool(title) + bool(columns)) + gap
-    canvas = Image.new("RGB", (left + K * (W * zoom + gap), top + R * (H * zoom + gap)), "white")
+    width = max(left + K * (W * zoom + gap), 8 + 6 * len(title))  # wide enough for the whole title
+    canvas = Image.new("RGB", (width, top + R * (H * zoom + gap)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 2), title, fill="black")
     for k, name in enumerate(columns):

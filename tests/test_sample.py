@@ -68,14 +68,15 @@ def start_noise(seed, i, shape, width):
     return torch.randn(shape, generator=generator), torch.randn(width, generator=generator)
 
 
-def tiles(path, rows, per_row, side):
+def tiles(path, rows, per_row, side, names=("0",)):
     """The grid's tiles (rows, per_row, side, side, 3) as reg.save_grid lays them out: enlarged by a whole factor to at
-    least 64 px (nearest neighbour: every zoom-th pixel is the tile), 4 px apart, below the title, right of the names."""
+    least 64 px (nearest neighbour: every zoom-th pixel is the tile), 4 px apart, below the title, right of the names
+    (6 px a character, 8 px of margin)."""
     grid = np.asarray(Image.open(path))
     zoom = max(1, 64 // side)
     step = side * zoom + 4
     top = grid.shape[0] - rows * step
-    left = grid.shape[1] - per_row * step
+    left = 8 + 6 * max(map(len, names))
     cells = [
         [grid[top + r * step :: zoom, left + c * step :: zoom][:side, :side] for c in range(per_row)]
         for r in range(rows)
@@ -360,11 +361,12 @@ def test_grid_rows_are_named_by_the_checkpoints_classes_else_by_their_labels(tmp
     torch.save(state, tmp_path / "named.pt")
     named = run(tmp_path / "named.pt", tmp_path / "a", "--per-row", 1)
     plain = run(reg.save_model(str(tmp_path / "plain.pt"), model), tmp_path / "b", "--per-row", 1)
-    assert np.array_equal(tiles(named["path"], 4, 1, 8), tiles(plain["path"], 4, 1, 8))
+    classes = ["plane", "car", "bird", "cat"]
+    assert np.array_equal(tiles(named["path"], 4, 1, 8, classes), tiles(plain["path"], 4, 1, 8))
     grid = np.asarray(Image.open(named["path"]))
-    margin = grid.shape[1] - (64 + 4)  # the names' margin: what is left of one 64 px tile and its gap
-    assert grid[20:, :margin].min() < 128 and grid[:12].min() < 128  # names and a title are drawn
-    assert grid.shape[1] > np.asarray(Image.open(plain["path"])).shape[1]
+    assert grid[20:, : 8 + 6 * 5].min() < 128 and grid[:12].min() < 128  # names and a title are drawn
+    title = "named.pt: sde, 3 steps, CFG scale 1.0"
+    assert grid.shape[1] >= 8 + 6 * len(title)  # wider than a tile: the title is not cut
     assert "/2 [" in capsys.readouterr().err  # the progress bar counts 2 batches of 3
 
 
