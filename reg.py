@@ -842,17 +842,12 @@ def config_from_dict(stored):
 OFFICIAL_NAMES = {"cls_projectors2.": "token_embedder.", "wg_norm.": "token_norm.", "projectors.0.": "projector."}
 
 
-def rename_official(key, names=OFFICIAL_NAMES):
-    """The release's name of a parameter -> ours (`cls_projectors2.weight` -> `token_embedder.weight`); with the
-    inverted table, ours -> the release's (for exporting our weights)."""
-    for old, new in names.items():
+def rename_official(key):
+    """The release's name of a parameter -> ours (`cls_projectors2.weight` -> `token_embedder.weight`)."""
+    for old, new in OFFICIAL_NAMES.items():
         if key.startswith(old):
             return new + key[len(old) :]
     return key
-
-
-def rename_to_official(key):
-    return rename_official(key, {new: old for old, new in OFFICIAL_NAMES.items()})
 
 
 def our_names(sd):
@@ -921,29 +916,21 @@ def load_weights(model, sd):
 
 
 def load_checkpoint(path):
-    """A checkpoint file's contents: torch.load safely (weights_only; the release's pickled argparse.Namespace is
-    allowed as data), or a .safetensors file as dict(ema=weights, config=...) (the config from its metadata)."""
+    """A .pt checkpoint's contents, loaded safely (weights_only; the release's pickled argparse.Namespace is allowed as
+    data)."""
     path = os.fspath(path)  # a str or a pathlib.Path
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist (or is a folder): pass a file, e.g. a run's NNNNNNN.pt")
     try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                metadata = f.metadata() or {}
-                weights = {k: f.get_tensor(k) for k in f.keys()}
-            config = json.loads(metadata["config"]) if "config" in metadata else None
-            return dict(ema=weights, config=config) if config else weights
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazily: look twice cheaply
     except Exception as e:
-        raise ValueError(f"{path} is no readable checkpoint ({type(e).__name__}): damaged, or another file") from None
+        raise ValueError(f"{path} is no readable checkpoint ({type(e).__name__}): damaged, or not a .pt") from None
 
 
 def load_model(path, weights="ema"):
-    """A SiT from a file, in eval mode on the CPU: ours (save_model's, or a training checkpoint), the release's .pt, a
-    bare state dict, or a .safetensors. `weights`: 'ema' (what the paper samples) or 'model'."""
+    """A SiT from a .pt file, in eval mode on the CPU: ours (save_model's, or a training checkpoint), the release's, or
+    a bare state dict. `weights`: 'ema' (what the paper samples) or 'model'."""
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint: pass a SiT checkpoint")
@@ -959,21 +946,17 @@ def load_model(path, weights="ema"):
 
 
 def save_model(path, model):
-    """Weights with their config in one file, atomically: .pt = dict(ema=weights, config), or .safetensors with the
-    config in its metadata. load_model reads both back."""
+    """Weights with their config in one .pt file, atomically: dict(ema=weights, config), what load_model reads."""
     path = os.fspath(path)  # a str or a pathlib.Path
+    if not path.endswith(".pt"):  # torch.load reads a .safetensors name as safetensors: a .pt under it is unreadable
+        raise ValueError(f"save_model writes a .pt file: name it NAME.pt, not {os.path.basename(path)!r}")
     net = unwrap(model)
     if not isinstance(net, SiT):
         raise TypeError(f"save_model saves a SiT (make_model, load_model), got {type(net).__name__}")
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     config = asdict(net.cfg)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(weights, path + ".tmp", metadata=dict(config=json.dumps(config)))
-    else:
-        torch.save(dict(ema=weights, config=config), path + ".tmp")
+    torch.save(dict(ema=weights, config=config), path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
@@ -1408,7 +1391,7 @@ def load_vae(name="ema", device="cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-# 9. Teaching diagnostics: where in t the token helps, where the generated token lands, how a sample forms ------------
+# 9. Teaching diagnostics: where in t the token helps, how a sample forms, pictures that say what they show ------------
 
 
 @torch.no_grad()
@@ -1435,24 +1418,6 @@ def loss_per_t_bin(model, x, y, feats=None, bins=10, seed=0, path="linear"):
     return result
 
 
-def class_centroids(tokens, labels, num_classes):
-    """The mean token of each class (K, E), from real images' tokens (N, E) and their labels (N,)."""
-    sums = torch.zeros(num_classes, tokens.shape[1], dtype=torch.float64)
-    sums.index_add_(0, labels.cpu(), tokens.double().cpu())
-    counts = torch.bincount(labels.cpu(), minlength=num_classes).clamp(min=1)
-    return (sums / counts[:, None]).float()
-
-
-def token_landing(cls, y, centroids):
-    """Where generated tokens (B, E) land among the class centroids (K, E): token_match, the fraction whose nearest
-    centroid (by cosine) is the centroid of the label they were generated for, and token_cos, their mean cosine with
-    it."""
-    cosines = F.normalize(cls.float().cpu(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T  # (B, K)
-    nearest = cosines.argmax(dim=1)  # (B,)
-    own = cosines.gather(1, y.cpu()[:, None])[:, 0]  # (B,)
-    return dict(token_match=float((nearest == y.cpu()).float().mean()), token_cos=float(own.mean()))
-
-
 def strip_frames(trace, frames=8):
     """From sample(..., trace=list): the clean-image estimates at `frames` steps evenly spaced from the first (t = 1) to
     the last -> ((B, frames, C, H, W), the frames' times), one row of a sampling strip per sample."""
@@ -1472,7 +1437,8 @@ def save_grid(path, images, rows, columns=(), title=""):
     gap = 4
     left = 8 + 6 * max(len(name) for name in rows)  # PIL's default font: about 6 px a character
     top = 14 * (bool(title) + bool(columns)) + gap
-    canvas = Image.new("RGB", (left + K * (W * zoom + gap), top + R * (H * zoom + gap)), "white")
+    width = max(left + K * (W * zoom + gap), 8 + 6 * len(title))  # wide enough for the whole title
+    canvas = Image.new("RGB", (width, top + R * (H * zoom + gap)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 2), title, fill="black")
     for k, name in enumerate(columns):

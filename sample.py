@@ -1,28 +1,27 @@
 """
-Sample a REG / SiT checkpoint (ours, the official release, a bare state dict or a .safetensors) into a PNG grid or an
-.npz for the ADM evaluator; score FD_DINOv2 and REG's token consistency; export our weights in the release's layout.
+Sample a REG / SiT checkpoint (ours, the official release's .pt, or a bare state dict) into a PNG grid or an .npz for
+the ADM evaluator (which scores FID and FD); with --encoder, REG's token consistency.
 
   python sample.py runs/cifar/0050000.pt                               # grid.png: a row per class, SDE 250 steps
   python sample.py SiT-XL-2-REG.pt --paper --npz                       # the paper's CFG setting, 50K samples for FID
   torchrun --nproc_per_node 8 sample.py SiT-XL-2-REG.pt --paper --npz  # the same on 8 GPUs
-  python sample.py SiT-XL-2-REG.pt --paper --npz --labels-random --uint8 truncate --tf32  # as the release samples
-  python sample.py last.pt --npz --num-samples 10000 --fd-ref ref.npz --encoder dinov2-b  # FD_DINOv2, consistency
-  python sample.py runs/in256/0400000.pt --export SiT-B-2-REG.pt       # our EMA weights in the release's layout
+  python sample.py SiT-XL-2-REG.pt --paper --npz --labels-random       # the release's random labels
+  python sample.py last.pt --npz --num-samples 10000 --encoder dinov2-b  # and REG's token consistency
 
-The grid (default): grid.png in --out, a row per label (--labels 1 2 3, default the first 10 classes) named on its
-left (the class names a checkpoint stores in its args, else the label), --per-row samples each, gaps between them. A
-progress bar counts the sampler's steps; a closing line says what was written where. Latent models (4 channels) decode
-through the SD-VAE: --vae, else the one the checkpoint names (train_imagenet.py's), else ema (the paper's). Samples
-that are not finite (a huge --cfg-scale) are refused before anything is written.
+The grid (default): grid.png in --out (reg.save_grid), a row per label (--labels 1 2 3, default the first 10 classes)
+named on its left (the class names a checkpoint stores in its args, else the label), --per-row samples each, a title
+naming the checkpoint, the sampler and the CFG scale. A progress bar counts the batches; a closing line says what was
+written where. Latent models (4 channels) decode through the SD-VAE: --vae, else the one the checkpoint names
+(train_imagenet.py's), else ema (the paper's). Samples that are not finite (a huge --cfg-scale) are refused before
+anything is written. Samples are rounded to 8 bits (the release truncates: half a level darker on average); TF32 is
+off, so float32 is float32.
 
 --npz: samples_N.npz for the ADM evaluator (arr_0: uint8 (N, H, W, 3); with --encoder also `cos`, each sample's
 token consistency); sample i has label i % K (or the i % n-th of --labels). It is written through shard files of
 --shard-size samples, each atomic: rerun an interrupted command to resume it, at any --batch-size. Under torchrun,
 rank r samples the shards j with j % world == r and rank 0 merges them. settings.json in --out records what the
 samples depend on (the sampler flags, the labels, the VAE, the config, a fingerprint of the weights' tensors) and
-refuses to mix in samples of other settings or other weights, whatever the checkpoint's file name. --fd-ref gives
-FD_DINOv2 against an .npz (arr_0, as the ADM reference batches) or a folder of images, the reference's statistics
-cached in --out under a name made of their content.
+refuses to mix in samples of other settings or other weights, whatever the checkpoint's file name.
 
 Reproducibility: sample i's noise (start image, start token, every SDE step) and, with --labels-random, its label come
 from generators seeded by (--seed, i) alone, so no sample depends on the batch size, the shards, the resumes or the
@@ -38,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import reg
@@ -48,8 +46,7 @@ PAPER = dict(sampler="sde", sample_steps=250, cfg_scale=2.3, cls_cfg_scale=2.3, 
 # what an --npz sample depends on besides the weights and the config: settings.json compares them. Not the batch size,
 # shard size or device: no sample depends on them, so a run may resume with others.
 SAMPLE_FLAGS = ("sampler", "sample_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high", "seed")
-SAMPLE_FLAGS += ("labels", "labels_random", "vae", "precision", "tf32", "uint8", "encoder", "encoder_weights")
-GAP = 2  # pixels between the grid's tiles
+SAMPLE_FLAGS += ("labels", "labels_random", "vae", "precision", "encoder", "encoder_weights")
 
 
 def check(ok, message):
@@ -78,16 +75,6 @@ def draw_labels(indices, labels, seed, random_draw):
     return [labels[i % len(labels)] for i in indices]
 
 
-class StepBar:
-    """reg.sample's `trace`, read for its calls alone: the progress bar advances one sampler step per call."""
-
-    def __init__(self, bar):
-        self.bar = bar
-
-    def append(self, step):
-        self.bar.update(1)
-
-
 def generate(model, vae, encoder, indices, args, device):
     """Samples `indices` -> uint8 images (n, H, W, 3) and, given an encoder, REG's token consistency (n,) or None:
     the cosine between the token the model generated with an image and the token it would be given for that image
@@ -101,8 +88,7 @@ def generate(model, vae, encoder, indices, args, device):
     images = []
     cosines = []
     batches = range(0, len(indices), args.batch_size)
-    bar = tqdm(total=len(batches) * args.sample_steps, desc=f"{len(indices)} samples", unit="step", leave=False)
-    for start in batches:
+    for start in tqdm(batches, desc=f"{len(indices)} samples", unit="batch", leave=False):
         batch = indices[start : start + args.batch_size]
         # sample i's own generator, seeded by a 64-bit hash of (seed, i): its draws do not depend on batch, shard or GPU
         generators = [torch.Generator().manual_seed(int(reg.fingerprint(args.seed, i), 16)) for i in batch]
@@ -111,53 +97,20 @@ def generate(model, vae, encoder, indices, args, device):
         y = torch.tensor(draw_labels(batch, args.labels, args.seed, args.labels_random), device=device)
         with reg.autocast(device, args.precision):
             noise = functools.partial(sde_noise, generators)
-            x, cls = reg.sample(model, x, y, cls, *sampling, noise=noise, trace=StepBar(bar))
+            x, cls = reg.sample(model, x, y, cls, *sampling, noise=noise)
             if vae is not None:
                 x = vae.decode(x / reg.LATENT_SCALE).sample  # SD latents are scaled to unit variance (LDM)
-        check(
-            bool(x.isfinite().all()), f"samples that are not finite (--cfg-scale {args.cfg_scale}?): lower the scales"
-        )
+        finite = bool(x.isfinite().all())
+        check(finite, f"samples that are not finite (--cfg-scale {args.cfg_scale}?): lower the scales")
         if encoder is not None:
             real = model.token_of(encoder(x.float().clamp(-1, 1)))  # [REG] (B, E)
             cosines.append(torch.cosine_similarity(real.float(), cls.float(), dim=-1).cpu())  # [REG] (B,)
-        # to 8 bits: 'round' to the nearest level (ours), or 'truncate': the release's cast of 255 (x + 1) / 2, which
-        # rounds down (half a level darker on average)
-        levels = 255 * ((x.float().clamp(-1, 1) + 1) / 2)
-        levels = levels.round() if args.uint8 == "round" else levels
+        levels = (255 * ((x.float().clamp(-1, 1) + 1) / 2)).round()  # to the nearest of 8 bits' levels
         images.append(levels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
-    bar.close()
     return np.concatenate(images), torch.cat(cosines).numpy() if cosines else None
 
 
-def grid_image(images, names, per_row):
-    """Samples (rows * per_row, H, W, 3), sample i in row i % rows -> the grid: each row's name on its left, GAP
-    pixels between tiles, on white."""
-    rows = len(names)
-    side = images.shape[1] + GAP
-    left = GAP + 6 * max(len(name) for name in names) + GAP  # PIL's default font: about 6 px a character
-    canvas = Image.new("RGB", (left + per_row * side, GAP + rows * side), "white")
-    for i, image in enumerate(images):
-        canvas.paste(Image.fromarray(image), (left + (i // rows) * side, GAP + (i % rows) * side))
-    draw = ImageDraw.Draw(canvas)
-    for row, name in enumerate(names):
-        draw.text((GAP, GAP + row * side + side // 2), name, fill="black", anchor="lm")
-    return canvas
-
-
 # Files ----------------------------------------------------------------------------------------------------------------
-
-
-def export(model, path):
-    """Our weights under the release's names (reg.rename_to_official): a .pt holds them as 'ema' (what the release's
-    generate.py loads) and 'model', with our config; a .safetensors holds the weights alone, as the release's would."""
-    weights = {reg.rename_to_official(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(weights, path)
-    else:
-        reg.save_checkpoint(path, dict(ema=weights, model=weights, config=vars(model.cfg)))
-    return dict(path=path, tensors=len(weights))
 
 
 def save_npz(path, arrays):
@@ -185,22 +138,21 @@ def claim_folder(out, model, args, rank):
     os.replace(f"{path}.{rank}", path)
 
 
-def reference_images(ref, size):
-    """--fd-ref as uint8 (N, 3, H, W): an .npz's arr_0 (N, H, W, 3), or a folder's images resized to the samples'."""
-    try:
-        if ref.endswith(".npz"):
-            array = np.load(ref)["arr_0"]
-        else:
-            files = sorted(f for f in Path(ref).rglob("*") if f.suffix.lower() in reg.IMAGE_SUFFIXES)
-            array = np.stack([np.asarray(Image.fromarray(reg.read_image(f)).resize((size, size))) for f in files])
-    except Exception as e:  # missing, corrupt, empty: whatever numpy, zipfile or PIL call it, the fix is the same
-        raise SystemExit(f"sample.py: --fd-ref {ref} cannot be read ({e!r}): pass an .npz or a folder of images")
-    ok = array.dtype == np.uint8 and array.ndim == 4 and array.shape[3] == 3
-    check(ok, f"--fd-ref {ref} holds {array.dtype} {array.shape}: arr_0 must be uint8 (N, H, W, 3), as ADM's")
-    return torch.from_numpy(array).permute(0, 3, 1, 2)
-
-
 # main -----------------------------------------------------------------------------------------------------------------
+
+
+def sample_grid(model, vae, encoder, args, device, stored, path):
+    """The grid: sample i in row i % rows, column i // rows (by its label, as in the .npz), rows named by the classes
+    the checkpoint's training args store, else by their labels. -> (images, token consistencies or None)."""
+    rows = len(args.labels)
+    images, cosines = generate(model, vae, encoder, range(rows * args.per_row), args, device)
+    classes = stored.get("args", {}).get("classes") if isinstance(stored.get("args"), dict) else None
+    names = [str(classes[y]) if classes else str(y) for y in args.labels]
+    tiles = torch.from_numpy(images).view(args.per_row, rows, *images.shape[1:])  # (K, R, H, W, 3)
+    tiles = tiles.permute(1, 0, 4, 2, 3).float() / 255  # (R, K, 3, H, W) in [0, 1]
+    title = f"{Path(args.ckpt).name}: {args.sampler}, {args.sample_steps} steps, CFG scale {args.cfg_scale}"
+    reg.save_grid(path, tiles, names, title=title)
+    return images, cosines
 
 
 def sample_npz(model, vae, encoder, args, device, out):
@@ -219,12 +171,9 @@ def sample_npz(model, vae, encoder, args, device, out):
             continue
         images, cosines = generate(model, vae, encoder, shard, args, device)
         save_npz(paths[j], dict(arr_0=images) if cosines is None else dict(arr_0=images, cos=cosines))
-        # --save-png: the samples made now, so a rerun writes (and reports) no PNGs it did not make
-        for i, image in zip(shard, images if args.save_png else []):
-            Image.fromarray(image).save(os.path.join(out, f"{i:06d}.png"))
-        print(f"shard {j + 1}/{len(shards)}: {paths[j]}" + (f" and {len(images)} PNGs" if args.save_png else ""))
+        print(f"shard {j + 1}/{len(shards)}: {paths[j]}")
     if rank > 0:
-        raise SystemExit(0)  # done: rank 0 merges and scores
+        raise SystemExit(0)  # done: rank 0 merges
     while not os.path.isfile(final) and not all(os.path.isfile(path) for path in paths):
         time.sleep(10)  # the other ranks' shards (torchrun stops every rank when one fails)
     if not os.path.isfile(final):
@@ -242,9 +191,8 @@ def main(args):
     vars(args).update(PAPER if args.paper else {})  # --paper overrides the sampler flags
     check(args.npz or not args.labels_random, "--labels-random is for --npz (the grid has a row per label)")
     check(args.out is None or not os.path.isfile(args.out), f"--out {args.out} is a file: pass a folder")
-    check(not args.export or not os.path.exists(args.export), f"--export {args.export} exists: pass another name")
-    # TF32 matmuls and convolutions: the release's default on GPUs; off here unless asked, so float32 is float32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    # TF32 matmuls and convolutions (the release's default on GPUs, cuDNN's too) off, so float32 is float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         return run(args)
     except (ValueError, RuntimeError) as e:
@@ -256,15 +204,10 @@ def main(args):
 
 
 def run(args):
-    """Load the model, then export it, or sample the grid (default) or the .npz, and score."""
+    """Load the model, sample the grid (default) or the .npz, and score the token consistency."""
     device = reg.pick_device(args.device)
-    check(device.type != "mps" or torch.backends.mps.is_available(), "--device mps: no Apple GPU here: use cpu or cuda")
     model = reg.load_model(args.ckpt).to(device)  # the EMA weights, as the paper samples
     stored = reg.load_checkpoint(args.ckpt)  # its training args may name the classes and the VAE
-    if args.export:
-        result = export(model, args.export)
-        print(f"wrote {args.export}: the EMA weights in the release's layout")
-        return result
     cfg = model.cfg
     check(cfg.in_channels == 4 or not args.vae, "--vae decodes latents; this model makes pixels: drop --vae")
     check(not args.encoder or cfg.entangled, "token consistency needs a model with the REG token: drop --encoder")
@@ -281,29 +224,22 @@ def run(args):
     start = time.perf_counter()
     if args.npz:
         path, images, cosines = sample_npz(model, vae, encoder, args, device, out)
-    else:  # sample i in row i % rows, column i // rows: by its label, as in the .npz
-        images, cosines = generate(model, vae, encoder, range(len(args.labels) * args.per_row), args, device)
-        classes = stored.get("args", {}).get("classes") if isinstance(stored.get("args"), dict) else None
-        names = [str(classes[y]) if classes else str(y) for y in args.labels]
+    else:
         path = os.path.join(out, "grid.png")
-        grid_image(images, names, args.per_row).save(path)
+        images, cosines = sample_grid(model, vae, encoder, args, device, stored, path)
     result = dict(path=path, samples=len(images), seconds=round(time.perf_counter() - start, 1))
+    score = ""
     if cosines is not None:
         result["token_consistency"] = float(cosines.mean())
-    if args.fd_ref:
-        fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device, "--fd-encoder-weights")
-        generated = reg.fd_stats(fd_encoder, torch.from_numpy(images).permute(0, 3, 1, 2))
-        reference = reg.fd_stats(fd_encoder, reference_images(args.fd_ref, images.shape[1]), cache_dir=out)
-        result["fd"] = reg.frechet_distance(generated, reference)
-    scores = "".join(f", {k} {result[k]:.4g}" for k in ("token_consistency", "fd") if k in result)
-    print(f"wrote {path}: {len(images)} samples in {result['seconds']} s{scores}")
+        score = f", token consistency {result['token_consistency']:.4g}"
+    print(f"wrote {path}: {len(images)} samples in {result['seconds']} s{score}")
     return result
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("ckpt", help="train_*.py's NNNNNNN.pt, the official SiT-XL/2+REG release, a state dict, or a .safetensors")
+    a("ckpt", help="train_*.py's NNNNNNN.pt, the official SiT-XL/2+REG release's .pt, or a state dict")
     a("--sampler", default="sde", choices=["sde", "euler", "heun"], help="default: sde (Euler-Maruyama, the paper's)")
     a("--sample-steps", type=reg.positive_int, default=250, help="sampler steps (default: 250, the paper's)")
     a("--cfg-scale", type=reg.finite_float, default=1.0, help="CFG scale: 1 conditional, 0 unconditional (default: 1)")
@@ -315,7 +251,6 @@ def parse_args(argv=None):
     a("--batch-size", type=reg.positive_int, default=64, help="samples per forward pass; no sample depends on it")
     a("--device", help="default: cuda (under torchrun: cuda:LOCAL_RANK), then mps, then cpu")
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPUs (default: fp32, exact)")
-    a("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs, as the release (default: off)")
     a("--out", help="output folder (default: samples/<run folder>-<checkpoint name>)")
     a("--labels", type=reg.nonneg_int, nargs="+", help="labels, e.g. 1 2 3 (default: grid 0..9, --npz all classes)")
     a("--per-row", type=reg.positive_int, default=8, help="grid: samples per label row (default: 8)")
@@ -323,15 +258,9 @@ def parse_args(argv=None):
     a("--num-samples", type=reg.positive_int, default=50000, help="--npz: samples (default: 50000, FID-50K)")
     a("--shard-size", type=reg.positive_int, default=1000, help="--npz: samples per shard, the unit of resume (1000)")
     a("--labels-random", action="store_true", help="--npz: a random label per sample from (seed, i), as the release")
-    a("--uint8", default="round", choices=["round", "truncate"], help="round to 8 bits, or truncate as the release")
-    a("--save-png", action="store_true", help="--npz: also write each sample made as <out>/NNNNNN.png")
     a("--vae", help="latent models: ema, mse or a local folder (default: the checkpoint's, else ema, the paper's)")
-    a("--fd-ref", help="Frechet distance to this .npz (arr_0 uint8 N x H x W x 3) or folder of images")
-    a("--fd-encoder", default="dinov2-l", help="FD features (default: dinov2-l, FD_DINOv2 of Stein et al.)")
-    a("--fd-encoder-weights", help="weights file of --fd-encoder (default: from the hub; 'random': tests)")
     a("--encoder", help="the training encoder, for REG's token consistency (default: none; paper: dinov2-b)")
     a("--encoder-weights", help="weights file of --encoder (default: from the hub; 'random': tests)")
-    a("--export", help="write the weights in the release's layout to this new .pt or .safetensors file, and exit")
     return p.parse_args(argv)
 
 

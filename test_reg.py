@@ -863,21 +863,10 @@ def test_loss_per_t_bin_is_zero_for_exact_predictions_and_keeps_the_mode():
     assert oracle.training  # put back in training mode
 
 
-def test_token_landing_and_centroids():
-    tokens = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
-    labels = torch.tensor([0, 0, 1, 1])
-    centroids = reg.class_centroids(tokens, labels, 3)
-    torch.testing.assert_close(centroids, torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]))
-    own = reg.token_landing(torch.tensor([[5.0, 0.1], [0.2, 1.0]]), torch.tensor([0, 1]), centroids[:2])
-    assert own["token_match"] == 1.0 and own["token_cos"] > 0.97
-    swapped = reg.token_landing(torch.tensor([[5.0, 0.1], [0.2, 1.0]]), torch.tensor([1, 0]), centroids[:2])
-    assert swapped["token_match"] == 0.0 and swapped["token_cos"] < 0.21
-
-
 def test_strip_frames_run_from_pure_noise_estimate_to_the_sample():
     trace = [(1 - i / 9, torch.full((2, 1, 2, 2), float(i))) for i in range(10)]
-    frames = reg.strip_frames(trace, frames=4)
-    assert frames.shape == (2, 4, 1, 2, 2)
+    frames, times = reg.strip_frames(trace, frames=4)
+    assert frames.shape == (2, 4, 1, 2, 2) and times == [1.0, 1 - 3 / 9, 1 - 6 / 9, 0.0]
     assert frames[0, :, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
 
 
@@ -957,7 +946,7 @@ def test_graceful_stop_turns_sigterm_and_ctrl_c_into_a_request():
     with reg.GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+        with pytest.raises(SystemExit, match="stopped at once"):  # a second Ctrl-C aborts at once, in words
             os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -1034,7 +1023,7 @@ def test_checkpoints_from_before_the_rename_still_load_and_resume(tmp_path):
 
 def test_copy_reg_py_round_trip(tmp_path):
     """The README's 'copy reg.py' paragraph: build, train a step with reg_loss and ema_update, sample with no null
-    label to pass, save and load with the config inside (.pt and .safetensors give the same model back)."""
+    label to pass, save and load with the config inside (the same model back)."""
     model = reg.make_model("SiT-Ti/4", "reg", input_size=16, in_channels=3, num_classes=10, encoder_dim=64)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -1048,10 +1037,9 @@ def test_copy_reg_py_round_trip(tmp_path):
     noise, token_noise = torch.randn(4, 3, 16, 16), torch.randn(4, 64)
     samples, tokens = reg.sample(ema, noise, labels, token_noise, steps=4, mode="euler", cfg_scale=2.0)
     assert samples.shape == (4, 3, 16, 16) and tokens.shape == (4, 64)
-    for name in ("ema.pt", "ema.safetensors"):
-        back = reg.load_model(reg.save_model(str(tmp_path / name), ema))
-        again, _ = reg.sample(back, noise, labels, token_noise, steps=4, mode="euler", cfg_scale=2.0)
-        assert back.cfg == ema.cfg and torch.equal(again, samples)
+    back = reg.load_model(reg.save_model(str(tmp_path / "ema.pt"), ema))
+    again, _ = reg.sample(back, noise, labels, token_noise, steps=4, mode="euler", cfg_scale=2.0)
+    assert back.cfg == ema.cfg and torch.equal(again, samples)
 
 
 def test_the_readmes_copy_paragraph_runs(tmp_path, monkeypatch):
@@ -1061,7 +1049,7 @@ def test_the_readmes_copy_paragraph_runs(tmp_path, monkeypatch):
     scope = {}
     exec(code, scope)
     assert scope["samples"].shape == (4, 3, 16, 16) and scope["tokens"].shape == (4, 64)
-    assert scope["ema"].cfg == scope["model"].cfg and (tmp_path / "ema.safetensors").is_file()
+    assert scope["ema"].cfg == scope["model"].cfg and len(list(tmp_path.glob("ema.*"))) == 1  # saved
 
 
 def test_sampler_refuses_a_model_that_returns_a_bare_tensor():
@@ -1342,7 +1330,9 @@ def test_configs_saves_and_loads_refuse_what_is_not_theirs(tmp_path):
         reg.make_model("SiT-Ti/2", widht=3)
     with pytest.raises(TypeError, match="save_model saves a SiT.*got Linear"):
         reg.save_model(tmp_path / "m.pt", torch.nn.Linear(2, 2))
-    path = reg.save_model(tmp_path / "m.safetensors", tiny())  # a pathlib.Path works
+    with pytest.raises(ValueError, match="save_model writes a .pt file: name it NAME.pt, not 'm.safetensors'"):
+        reg.save_model(tmp_path / "m.safetensors", tiny())
+    path = reg.save_model(tmp_path / "m.pt", tiny())  # a pathlib.Path works
     assert reg.load_model(path).cfg.num_classes == 5
     with pytest.raises(ValueError, match="has no 'best' weights"):
         reg.load_model(reg.save_model(tmp_path / "m.pt", tiny()), weights="best")

@@ -1,5 +1,5 @@
 """sample.py on the CPU, offline, with tiny models: the grid and the .npz, resume, per-sample noise in closed form, the
-release's layout and export, the VAE, FD and token consistency, refused folders, files and flags, labels, 8 bits, TF32.
+release's layout, the VAE, token consistency, refused folders, files and flags, labels, TF32 off.
 
 Closed forms come from an untrained model: adaLN-Zero starts at v = 0, so the Euler sampler returns its start noise
 unchanged (image and token), and each sample must be exactly its own generator's draw, whatever the batching."""
@@ -68,23 +68,25 @@ def start_noise(seed, i, shape, width):
     return torch.randn(shape, generator=generator), torch.randn(width, generator=generator)
 
 
-def tiles(path, rows, per_row, side):
-    """The grid's tiles (rows, per_row, side, side, 3): sample.GAP pixels between them, the row names on their left."""
+def tiles(path, rows, per_row, side, names=("0",)):
+    """The grid's tiles (rows, per_row, side, side, 3) as reg.save_grid lays them out: enlarged by a whole factor to at
+    least 64 px (nearest neighbour: every zoom-th pixel is the tile), 4 px apart, below the title, right of the names
+    (6 px a character, 8 px of margin)."""
     grid = np.asarray(Image.open(path))
-    step = side + sample.GAP
-    assert grid.shape[0] == sample.GAP + rows * step  # the names' margin is what is left of the width
-    left = grid.shape[1] - per_row * step
+    zoom = max(1, 64 // side)
+    step = side * zoom + 4
+    top = grid.shape[0] - rows * step
+    left = 8 + 6 * max(map(len, names))
     cells = [
-        [grid[sample.GAP + r * step :][:side, left + c * step :][:, :side] for c in range(per_row)] for r in range(rows)
+        [grid[top + r * step :: zoom, left + c * step :: zoom][:side, :side] for c in range(per_row)]
+        for r in range(rows)
     ]
     return np.array(cells)
 
 
-def levels(x, rule):
-    """Closed form of the 8 bits: the release's 255 (x + 1) / 2 clipped and cast, or that rounded."""
-    scaled = np.clip(255.0 * ((x + 1) / 2.0), 0, 255)
-    scaled = np.round(scaled) if rule == "round" else scaled
-    return scaled.astype(np.uint8)
+def levels(x):
+    """Closed form of the 8 bits: 255 (x + 1) / 2 clipped and rounded."""
+    return np.round(np.clip(255.0 * ((x + 1) / 2.0), 0, 255)).astype(np.uint8)
 
 
 def test_grid_and_npz_shapes_and_arrangement(ckpt, tmp_path, capsys):
@@ -93,7 +95,7 @@ def test_grid_and_npz_shapes_and_arrangement(ckpt, tmp_path, capsys):
     assert g["samples"] == 8
     assert f"wrote {g['path']}: 8 samples in" in capsys.readouterr().out  # the closing line
     assert os.listdir(tmp_path / "grid") == ["grid.png"]  # no settings.json, no shards
-    r = run(ckpt, tmp_path / "npz", "--npz", "--num-samples", 7, "--shard-size", 3, "--save-png")
+    r = run(ckpt, tmp_path / "npz", "--npz", "--num-samples", 7, "--shard-size", 3)
     x = npz(r)
     assert r["path"].endswith("samples_7.npz") and x.shape == (7, 8, 8, 3) and x.dtype == np.uint8
     assert x.std() > 5 and not (x[0] == x[1]).all()
@@ -101,13 +103,9 @@ def test_grid_and_npz_shapes_and_arrangement(ckpt, tmp_path, capsys):
     # and SDE) though the grid ran in batches of 2 and the npz in shards of 3
     for i in range(7):
         np.testing.assert_array_equal(grid[i % 4, i // 4], x[i])
-    for i in range(7):
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "npz" / f"{i:06d}.png")), x[i])
-    assert "3 PNGs" in capsys.readouterr().out
-    stamp = os.stat(tmp_path / "npz" / "000005.png").st_mtime_ns
-    again = run(ckpt, tmp_path / "npz", "--npz", "--num-samples", 7, "--shard-size", 3, "--save-png")
-    assert np.array_equal(npz(again), x) and "PNG" not in capsys.readouterr().out  # made and reported none
-    assert os.stat(tmp_path / "npz" / "000005.png").st_mtime_ns == stamp
+    assert "shard 3/3" in capsys.readouterr().out
+    again = run(ckpt, tmp_path / "npz", "--npz", "--num-samples", 7, "--shard-size", 3)
+    assert np.array_equal(npz(again), x) and "shard" not in capsys.readouterr().out  # made none
 
 
 def test_noise_is_per_sample_in_closed_form_and_the_seed_picks_it(tmp_path):
@@ -117,12 +115,9 @@ def test_noise_is_per_sample_in_closed_form_and_the_seed_picks_it(tmp_path):
     flags = ["--npz", "--num-samples", 5, "--sampler", "euler", "--seed", 3]
     a = npz(run(path, tmp_path / "a", *flags, "--batch-size", 2))
     b = npz(run(path, tmp_path / "b", *flags, "--batch-size", 5, "--shard-size", 2))
-    truncated = npz(run(path, tmp_path / "t", *flags, "--uint8", "truncate"))
     other = npz(run(path, tmp_path / "o", *flags[:-1], 4))
     starts = torch.stack([start_noise(3, i, (3, 8, 8), 64)[0] for i in range(5)]).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(a, levels(starts, "round")) and np.array_equal(a, b)
-    assert np.array_equal(truncated, levels(starts, "truncate"))
-    assert set(np.unique(a.astype(int) - truncated)) == {0, 1}  # truncation: half a level darker on average
+    assert np.array_equal(a, levels(starts)) and np.array_equal(a, b)
     assert np.abs(a.astype(int) - other).mean() > 20
 
 
@@ -181,39 +176,25 @@ def test_an_interrupted_run_resumes_to_the_same_file_at_another_batch_size(ckpt,
     assert npz(run(ckpt, tmp_path / "out", *flags)).shape == (8, 8, 8, 3) and resume.calls == 0  # nothing to do
 
 
-def test_the_releases_layout_a_bare_state_dict_and_safetensors_load(ckpt, tmp_path):
+def release_name(key):
+    """Our name of a parameter -> the release's (reg.OFFICIAL_NAMES read backwards)."""
+    for old, new in reg.OFFICIAL_NAMES.items():
+        if key.startswith(new):
+            return old + key[len(new) :]
+    return key
+
+
+def test_the_releases_layout_and_a_bare_state_dict_load(ckpt, tmp_path):
     ours = npz(run(ckpt, tmp_path / "ours", "--npz", "--num-samples", 4))
     state = reg.load_checkpoint(str(ckpt))
-    official = {reg.rename_to_official(k): v for k, v in state["ema"].items()}
+    official = {release_name(k): v for k, v in state["ema"].items()}
     assert "cls_projectors2.weight" in official and "projectors.0.0.weight" in official
     namespace = argparse.Namespace(model="SiT-Ti/2", encoder_depth=2, enc_type="dinov2-vit-b")
     torch.save(dict(model=official, ema=official, opt={}, steps=7, args=namespace), tmp_path / "release.pt")
     torch.save(state["ema"], tmp_path / "bare.pt")
-    reg.save_model(str(tmp_path / "ours.safetensors"), reg.load_model(str(ckpt)))
-    for name in ("release.pt", "bare.pt", "ours.safetensors"):
+    for name in ("release.pt", "bare.pt"):
         theirs = npz(run(tmp_path / name, tmp_path / name.replace(".", "-"), "--npz", "--num-samples", 4))
         assert np.array_equal(ours, theirs), name
-
-
-def test_export_in_the_releases_layout_round_trips(ckpt, tmp_path):
-    """--export writes our EMA weights under the release's names (.pt: 'ema' and 'model' as its generate.py reads, with
-    our config; .safetensors: the weights); both load back to the same samples."""
-    keys = json.loads(open(os.path.join(os.path.dirname(__file__), "official_keys_sit_xl2_reg.json")).read())
-    layout = {re.sub(r"^blocks\.\d+\.", "blocks.N.", k) for k in keys}
-    ours = npz(run(ckpt, tmp_path / "ours", "--npz", "--num-samples", 4))
-    for name in ("exported.pt", "exported.safetensors"):
-        r = run(ckpt, tmp_path / "unused", "--export", tmp_path / name)
-        assert r["path"] == str(tmp_path / name) and not (tmp_path / "unused").exists()
-        saved = reg.load_checkpoint(str(tmp_path / name))
-        if name.endswith(".pt"):
-            assert set(saved) == {"ema", "model", "config"} and saved["model"].keys() == saved["ema"].keys()
-            saved = saved["ema"]
-        assert {"cls_projectors2.weight", "wg_norm.weight", "projectors.0.0.weight"} <= set(saved)
-        assert {re.sub(r"^blocks\.\d+\.", "blocks.N.", k) for k in saved} <= layout  # every name is the release's
-        again = npz(run(tmp_path / name, tmp_path / name.replace(".", "-"), "--npz", "--num-samples", 4))
-        assert np.array_equal(again, ours)
-    with pytest.raises(SystemExit, match="exists"):
-        run(ckpt, tmp_path / "unused", "--export", tmp_path / "exported.pt")
 
 
 def tiny_vae(folder):
@@ -245,7 +226,7 @@ def test_the_vae_decodes_latents(tmp_path, monkeypatch):
     starts = torch.stack([start_noise(0, i, (4, 4, 4), 64)[0] for i in range(3)])
     with torch.no_grad():
         decoded = vae.decode(starts / reg.LATENT_SCALE).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(grid, levels(decoded, "round"))
+    assert np.array_equal(grid, levels(decoded))
     with pytest.raises(SystemExit, match="as --vae"):
         run(latent, tmp_path / "none", "--vae", tmp_path / "no-such-vae")
     state = reg.load_checkpoint(latent)
@@ -260,23 +241,6 @@ def test_the_vae_decodes_latents(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "ema" / "settings.json").read_text())["vae"] == "ema"
 
 
-def test_frechet_distance_against_a_folder_or_an_npz(ckpt, tmp_path):
-    fd = ["--fd-encoder", ENC, "--fd-encoder-weights", "random", "--npz", "--num-samples", 6]
-    run(ckpt, tmp_path / "gen", "--npz", "--num-samples", 6, "--save-png")
-    same = run(ckpt, tmp_path / "gen", *fd, "--fd-ref", tmp_path / "gen")  # its own PNGs
-    assert abs(same["fd"]) < 1e-4
-    noise = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "ref.npz", arr_0=noise)
-    other = run(ckpt, tmp_path / "gen", *fd, "--fd-ref", tmp_path / "ref.npz")
-    assert other["fd"] > 0.1 and len(list((tmp_path / "gen").glob("fd-stats-*.pt"))) == 2  # a cache per reference
-    np.savez(tmp_path / "nchw.npz", arr_0=noise.transpose(0, 3, 1, 2))
-    with pytest.raises(SystemExit, match=r"sample.py: --fd-ref .* uint8 \(N, H, W, 3\)"):
-        run(ckpt, tmp_path / "gen", *fd, "--fd-ref", tmp_path / "nchw.npz")
-    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(SystemExit, match="sample.py: --fd-ref .*broken.npz cannot be read"):
-        run(ckpt, tmp_path / "gen", *fd, "--fd-ref", tmp_path / "broken.npz")
-
-
 def test_a_folder_with_other_settings_or_weights_is_refused(ckpt, tmp_path):
     """settings.json records the flags samples depend on and a fingerprint of the weights, not the checkpoint's path:
     other settings, or another model at the same path, are refused; the same weights elsewhere continue."""
@@ -285,8 +249,8 @@ def test_a_folder_with_other_settings_or_weights_is_refused(ckpt, tmp_path):
     before = open(first["path"], "rb").read()
     with pytest.raises(SystemExit, match="other settings or weights .*sample_steps: 3 there, 4 now"):
         run(ckpt, tmp_path / "out", *flags, "--sample-steps", 4)
-    with pytest.raises(SystemExit, match="uint8: round there, truncate now"):
-        run(ckpt, tmp_path / "out", *flags, "--uint8", "truncate")
+    with pytest.raises(SystemExit, match="labels_random: False there, True now"):
+        run(ckpt, tmp_path / "out", *flags, "--labels-random")
     replaced = save_run(tmp_path / "run", tiny(seed=1))  # another model under a training checkpoint's name
     with pytest.raises(SystemExit, match="weights: [0-9a-f]{16} there, [0-9a-f]{16} now"):
         run(replaced, tmp_path / "out", *flags)
@@ -352,15 +316,13 @@ def test_the_releases_label_draw_is_random_per_sample(ckpt, tmp_path):
     assert all(np.array_equal(a[i], balanced[i]) == agree[i] for i in range(10))
 
 
-def test_tf32_is_off_unless_asked(ckpt, tmp_path):
-    """--tf32 (the release's default on GPUs) sets both TF32 switches; without it both are off (cuDNN's default is on).
-    The switches are set and restored here, not monkeypatched: torch implements them as properties."""
+def test_tf32_is_off_while_sampling(ckpt, tmp_path):
+    """Both TF32 switches are off while sampling (the release's default on GPUs is on, cuDNN's too). They are set and
+    restored here, not monkeypatched: torch implements them as properties."""
     matmul = torch.backends.cuda.matmul
     before = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
-        torch.backends.cudnn.allow_tf32 = True
-        run(ckpt, tmp_path / "a", "--tf32", "--sample-steps", 1, "--per-row", 1)
-        assert matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         run(ckpt, tmp_path / "b", "--sample-steps", 1, "--per-row", 1)
         assert not matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
@@ -391,17 +353,21 @@ def test_bad_flags_exit_with_a_message(ckpt, tmp_path, flags, message, capsys):
 
 
 def test_grid_rows_are_named_by_the_checkpoints_classes_else_by_their_labels(tmp_path, capsys):
-    """The row names are drawn left of the tiles: a grid whose checkpoint stores class names (train_cifar.py's
-    args["classes"]) differs there from one that shows label numbers, and nowhere in the tiles."""
+    """The row names are drawn left of the tiles, a title above them: a grid whose checkpoint stores class names
+    (train_cifar.py's args["classes"]) has a wider margin of names than one that shows label numbers, and the same
+    tiles."""
     model = tiny()
     state = dict(ema=model.state_dict(), config=vars(model.cfg), args=dict(classes=["plane", "car", "bird", "cat"]))
     torch.save(state, tmp_path / "named.pt")
     named = run(tmp_path / "named.pt", tmp_path / "a", "--per-row", 1)
     plain = run(reg.save_model(str(tmp_path / "plain.pt"), model), tmp_path / "b", "--per-row", 1)
-    assert np.array_equal(tiles(named["path"], 4, 1, 8), tiles(plain["path"], 4, 1, 8))
-    names = np.asarray(Image.open(named["path"]))[:, : -8 - sample.GAP]
-    assert names.min() < 128 and names.shape[1] > np.asarray(Image.open(plain["path"])).shape[1] - 8 - sample.GAP
-    assert "/6 [" in capsys.readouterr().err  # the progress bar: 2 batches x 3 steps
+    classes = ["plane", "car", "bird", "cat"]
+    assert np.array_equal(tiles(named["path"], 4, 1, 8, classes), tiles(plain["path"], 4, 1, 8))
+    grid = np.asarray(Image.open(named["path"]))
+    assert grid[20:, : 8 + 6 * 5].min() < 128 and grid[:12].min() < 128  # names and a title are drawn
+    title = "named.pt: sde, 3 steps, CFG scale 1.0"
+    assert grid.shape[1] >= 8 + 6 * len(title)  # wider than a tile: the title is not cut
+    assert "/2 [" in capsys.readouterr().err  # the progress bar counts 2 batches of 3
 
 
 def test_samples_that_are_not_finite_are_refused_before_anything_is_written(ckpt, tmp_path):
@@ -445,5 +411,5 @@ def test_a_full_disk_an_out_under_a_file_and_ctrl_c_end_in_one_line(ckpt, tmp_pa
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
 def test_device_mps_without_an_apple_gpu_names_the_fix(ckpt, tmp_path):
     argv = [str(ckpt), "--out", str(tmp_path / "out"), "--device", "mps"]
-    with pytest.raises(SystemExit, match="--device mps: no Apple GPU here: use cpu or cuda"):
+    with pytest.raises(SystemExit, match="sample.py: --device mps: .* no MPS GPU: use --device cpu"):
         sample.main(sample.parse_args(argv))
