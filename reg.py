@@ -16,8 +16,8 @@ Shape legend: B batch, C channels, H W image side, p patch, T = HW/p^2 patch tok
 Names: `cond` the adaLN conditioning (time + label), `cls` / `cls_t` / `v_cls` the REG token / noised / its velocity,
 `feats` the frozen encoder's output (class token, patch tokens), `x_t` / `v` the noised image / its velocity.
 Markers: a line ending in `# [REPA]` is what REPA adds to SiT, `# [REG]` what the REG paper adds to SiT+REPA (grep it
-to read the paper's delta, the joint loss included), `# [ablation]` the paper's ablations (a learned token, the patch
-mean), `# [ours]` what this file adds (token_dim: the token on its top-K principal directions; the too-wide warning).
+to read the paper's delta, the joint loss included), `# [ours]` what this file adds (token_dim: the token on its top-K
+principal directions; the too-wide warning).
 Inputs are checked once, at the entry points (reg_loss, sample): the layers below them never check.
 
 Part A (sections 1-7) is the method: copy it on its own, it never uses Part B. A copier's round trip:
@@ -35,6 +35,7 @@ import math
 import os
 import random
 import signal
+import socket
 import time
 import warnings
 from collections import OrderedDict
@@ -119,22 +120,18 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens, written out on fused SDPA; optional per-head qk LayerNorm."""
+    """Multi-head self-attention over all tokens, written out on fused SDPA."""
 
-    def __init__(self, dim, heads, qk_norm=False):
+    def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.LayerNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, h):  # h (B, N, D)
         qkv = self.qkv(h)  # (B, N, 3D)
         qkv = rearrange(qkv, "b n (three k d) -> three b k n d", three=3, k=self.heads)  # (3, B, heads, N, D/heads)
         q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, D/heads)
-        q = self.q_norm(q)
-        k = self.k_norm(k)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
         h = rearrange(h, "b k n d -> b n (k d)")  # (B, N, D)
         return self.proj(h)  # (B, N, D)
@@ -143,11 +140,11 @@ class Attention(nn.Module):
 class SiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the conditioning `cond` (adaLN-Zero, DiT Sec. 3.2)."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=False):
+    def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm)
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         fc1 = nn.Linear(dim, hidden)
         fc2 = nn.Linear(hidden, dim)
@@ -165,9 +162,8 @@ class SiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Modulated LayerNorm, then one head per kind of token: patches -> p*p*C velocities, the REG token -> E velocities."""
 
-    def __init__(self, dim, patch, channels, token_dim=None, token_slots=0):
+    def __init__(self, dim, patch, channels, token_dim=None):
         super().__init__()
-        self.token_slots = token_slots  # [REG] 1 when a token sits before the patches
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch * patch * channels)
         self.linear_cls = nn.Linear(dim, token_dim) if token_dim else None  # [REG] the token's velocity head
@@ -176,23 +172,21 @@ class FinalLayer(nn.Module):
     def forward(self, h, cond):  # h (B, N, D), cond (B, D)
         shift, scale = self.adaLN_modulation(cond)[:, None].chunk(2, dim=-1)  # 2 x (B, 1, D)
         h = modulate(self.norm_final(h), shift, scale)  # (B, N, D)
-        v_patches = self.linear(h[:, self.token_slots :])  # (B, T, p*p*C)
-        v_cls = self.linear_cls(h[:, 0]) if self.linear_cls is not None else None  # [REG] (B, E) from the token slot
+        slots = int(self.linear_cls is not None)  # [REG] 1 when a token sits before the patches
+        v_patches = self.linear(h[:, slots:])  # (B, T, p*p*C)
+        v_cls = self.linear_cls(h[:, 0]) if slots else None  # [REG] (B, E) from the token slot
         return v_patches, v_cls
 
 
 # 2. The model: SiT + REPA projector + REG token (REG Sec. 3) ----------------------------------------------------------
 
-# name -> switches of one model and one loss (REG Sec. 4 ablations)
+# name -> switches of one model and one loss (REG Sec. 4: the baselines and REG without REPA)
 METHODS = {
     "sit": dict(repa=False, token_kind="none"),  # plain SiT
     "repa": dict(repa=True, token_kind="none"),  # SiT + REPA
     "reg": dict(repa=True, token_kind="cls"),  # SiT + REPA + REG (the paper's method)
     "reg-noalign": dict(repa=False, token_kind="cls"),  # class token without the alignment loss ("REG w/o REPA")
-    "reg-learned": dict(repa=True, token_kind="learned"),  # a learnable token in place of the entangled one
-    "reg-mean": dict(repa=True, token_kind="mean"),  # mean of the encoder's patch tokens in place of its class token
 }
-TOKEN_KINDS = ("cls", "mean", "learned", "none")
 
 
 @dataclass
@@ -205,9 +199,8 @@ class SiTConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # K; label K is the null label for CFG
-    qk_norm: bool = False  # off in the paper; stabilises long bf16 runs
     repa: bool = True  # REPA projector after block `encoder_depth` (a training-only head)
-    token_kind: str = "cls"  # the extra token: 'cls' (REG), 'mean' (encoder patch mean), 'learned', 'none'
+    token_kind: str = "cls"  # the extra token: 'cls' (REG: the encoder's class token) or 'none' (SiT, REPA)
     encoder_dim: int = 768  # E: width of the frozen encoder (DINOv2 ViT-B/14)
     encoder_depth: int = 8  # REPA/REG: 1-based block whose output is aligned (4 for B, 8 for L/XL)
     projector_dim: int = 2048  # REPA projector MLP width
@@ -222,12 +215,8 @@ class SiTConfig:
         return self.input_size // self.patch_size
 
     @property
-    def has_token_slot(self):  # [REG] one token sits before the patch tokens
-        return self.token_kind != "none"
-
-    @property
-    def entangled(self):  # [REG] the token is an encoder output, noised and denoised with the image
-        return self.token_kind in ("cls", "mean")
+    def entangled(self):  # [REG] the encoder's class token sits before the patch tokens, noised and denoised with them
+        return self.token_kind == "cls"
 
     @property
     def needs_encoder(self):  # training reads the frozen encoder (alignment target or token)
@@ -243,18 +232,16 @@ class SiT(nn.Module):
         self.cfg = cfg
         D = cfg.hidden_size
         E = cfg.encoder_dim
-        slots = int(cfg.has_token_slot)  # [REG]
+        slots = int(cfg.entangled)  # [REG]
         self.x_embedder = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         if cfg.entangled:  # [REG]
             self.token_embedder = nn.Linear(cfg.token_width, D)  # [REG] W_cls: E -> D
             self.token_norm = nn.LayerNorm(D, eps=1e-6)  # [REG] LayerNorm with affine
-        if cfg.token_kind == "learned":  # [ablation]
-            self.learned_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)  # [ablation] a learnable token
         pos = torch.cat([torch.zeros(slots, D), sincos_pos_embed(D, cfg.grid)])  # [REG] a zero row for the token slot
         self.pos_embed = nn.Parameter(pos[None], requires_grad=False)  # (1, slots+T, D)
-        self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         if cfg.repa:  # [REPA]
             P = cfg.projector_dim  # [REPA]
             mlp = [nn.Linear(D, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(), nn.Linear(P, E)]  # [REPA] D -> P -> P -> E
@@ -265,25 +252,29 @@ class SiT(nn.Module):
             self.register_buffer("token_basis", torch.zeros(E, cfg.token_dim))  # [ours] (E, K) orthonormal columns
             self.register_load_state_dict_post_hook(basis_loaded)  # [ours] loaded weights bring their basis
         token_dim = cfg.token_width if cfg.entangled else None  # [REG]
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_dim, slots)  # [REG] both heads
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_dim)  # [REG] both heads
         self.initialize_weights()
         if cfg.entangled and cfg.token_width > D:  # [ours]
             warnings.warn(  # [ours]
                 f"the REG token is {cfg.token_width} wide but the model only {D}: at most {D} of its directions pass "
-                "through the model, so its velocity cannot be learned. Use a wider model, a narrower encoder, or "
-                f"token_dim <= {D} (train_cifar.py --token-dim: the token on its top principal directions)",
+                "through the model, so its velocity cannot be learned. Use a wider model or a narrower encoder (the "
+                f"scripts' --model, --encoder), or token_dim <= {D}: the token on its top principal directions "
+                "(train_cifar.py --token-dim)",
                 stacklevel=2,
             )
 
     def token_of(self, feats):  # [REG]
-        """The token this model denoises (B, K or E): token_target, on the top-K directions when token_dim is set."""
-        return self.project_token(token_target(self.cfg, feats))  # [REG]
+        """The token this model denoises (B, K or E): the encoder's class token, on its top-K directions with token_dim."""
+        enc_cls, _ = feats  # [REG] (B, E), the patch tokens unused
+        return self.project_token(enc_cls)  # [REG]
 
     def project_token(self, cls):  # [ours]
-        """An encoder token (B, E) -> the token this model denoises: (cls - mean) @ basis (B, K) with token_dim."""
+        """An encoder token (B, E) -> the token this model denoises: (cls - mean) @ basis (B, K) with token_dim, in fp32
+        under autocast too (bf16 would round the directions), as in sampling."""
         if not self.cfg.token_dim:  # [ours] the paper: the whole token
             return cls  # [ours]
-        return (cls.float() - self.token_mean) @ self.token_basis  # [ours] (B, K)
+        with torch.autocast(cls.device.type, enabled=False):  # [ours] fp32 under autocast too, as in sampling
+            return (cls.float() - self.token_mean) @ self.token_basis  # [ours] (B, K)
 
     def set_token_basis(self, tokens):  # [ours]
         """Fit the projection of token_dim to encoder tokens (N, E), N > K: their mean and top principal directions."""
@@ -324,13 +315,10 @@ class SiT(nn.Module):
         v_cls is None without an entangled token; z_hat is None outside training or without REPA. It checks nothing:
         the entry points (reg_loss, sample) check their inputs once, with check_batch."""
         cfg = self.cfg
-        B = x.shape[0]
         h = self.x_embedder(x)  # (B, T, D)
         if cfg.entangled:  # [REG]
             cls_token = self.token_norm(self.token_embedder(cls))  # [REG] (B, D)
             h = torch.cat([cls_token[:, None], h], dim=1)  # [REG] (B, 1+T, D)
-        if cfg.token_kind == "learned":  # [ablation]
-            h = torch.cat([self.learned_token.expand(B, -1, -1), h], dim=1)  # [ablation] (B, 1+T, D)
         h = h + self.pos_embed  # (B, N, D), N = slots+T
         cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         z_hat = None  # [REPA]
@@ -355,8 +343,8 @@ def check_config(cfg):
         kinds = (int, float) if f.type is float else f.type  # mlp_ratio may be written 4
         if not isinstance(value, kinds) or (f.type in (int, float) and f.name != "token_dim" and value <= 0):
             raise ValueError(f"SiTConfig.{f.name} must be a positive {f.type.__name__}, got {value!r}")
-    if cfg.token_kind not in TOKEN_KINDS:
-        raise ValueError(f"unknown token kind {cfg.token_kind!r}: use one of {', '.join(TOKEN_KINDS)}")
+    if cfg.token_kind not in ("cls", "none"):
+        raise ValueError(f"unknown token kind {cfg.token_kind!r}: use 'cls' (REG) or 'none'")
     if cfg.input_size % cfg.patch_size:
         raise ValueError(f"input_size {cfg.input_size} is not a multiple of patch_size {cfg.patch_size}: resize")
     if cfg.hidden_size % cfg.num_heads:
@@ -400,10 +388,10 @@ def check_batch(net, x, y, cls=None, feats=None, loss=False):
         )
     if loss and cfg.needs_encoder and not (isinstance(feats, (tuple, list)) and len(feats) == 2):
         raise ValueError("this method needs the frozen encoder's features: pass feats=(cls, patches)")
-    needs_cls = loss and cfg.token_kind in ("cls", "learned")  # the token, or what the learned slot aligns with
-    needs_patches = loss and (cfg.repa or cfg.token_kind == "mean")
+    needs_cls = loss and cfg.entangled
+    needs_patches = loss and cfg.repa
     if needs_patches and feats[1] is None:
-        raise ValueError("this method aligns or averages the patch tokens: pass feats=(cls, patches), not (cls, None)")
+        raise ValueError("this method aligns the patch tokens: pass feats=(cls, patches), not (cls, None)")
     if needs_cls and shape_of(feats[0]) != (B, cfg.encoder_dim):
         raise ValueError(f"class token {shape_of(feats[0])}, not (B, E) = ({B}, {cfg.encoder_dim}): set encoder_dim")
     if needs_patches and shape_of(feats[1]) != (B, cfg.grid**2, cfg.encoder_dim):
@@ -505,18 +493,42 @@ def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--e
     if local_file and not os.path.isfile(weights):
         raise ValueError(f"encoder weights file {weights!r} does not exist")
     overlay = dict(file=weights) if local_file else None
+    hub = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    url = f"https://huggingface.co/{hub or arch}/resolve/main/model.safetensors"
+    fix = f"download {url} and pass its path as {flag} (load_encoder(weights=...))."
+    if weights is None and hub and not hub_reachable(hub):  # timm would retry for a minute before failing
+        raise RuntimeError(
+            f"could not load weights for encoder {arch} (no hub from here, nor its weights in the cache). Offline?: {fix}"
+        )
     try:  # with the checkpoint's own head timm loads strictly; the head is dropped after
         net = timm.create_model(arch, pretrained=weights != "random", pretrained_cfg_overlay=overlay)
     except Exception as e:
-        hub = timm.models.get_pretrained_cfg(arch).hf_hub_id or arch
-        fix = f"Another model's file? Name that model as the encoder, or get {arch}'s" if local_file else "Offline?"
+        why = f"Another model's file? Name that model as the encoder, or get {arch}'s" if local_file else "Offline?"
         raise RuntimeError(
-            f"could not load weights for encoder {arch} ({type(e).__name__}: {str(e)[:200]}). {fix}: "
-            f"download https://huggingface.co/{hub}/resolve/main/model.safetensors and pass its path "
-            f"as {flag} (load_encoder(weights=...))."
+            f"could not load weights for encoder {arch} ({type(e).__name__}: {str(e)[:200]}). {why}: {fix}"
         ) from None
     net.reset_classifier(0)
     return FrozenEncoder(net, grid, size).to(device)
+
+
+def hub_reachable(repo_id):
+    """Whether timm can get a hub model's weights: they are in the Hugging Face cache, or the hub is neither switched
+    off (HF_HUB_OFFLINE) nor unknown to the name server (a proxy may know it: then it is tried)."""
+    import huggingface_hub
+
+    files = ("model.safetensors", "pytorch_model.bin")  # what timm asks the hub for, in this order
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, name), str) for name in files):
+        return True
+    switched_off = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if switched_off or huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        return False
+    return True
 
 
 def principal_directions(tokens, k):  # [ours]
@@ -534,14 +546,6 @@ def principal_directions(tokens, k):  # [ours]
     return mean.float(), (basis * signs).float()  # [ours]
 
 
-def token_target(cfg, feats):  # [REG]
-    """What the token slot stands for (B, E): the encoder's class token, or for 'mean' the mean of its patch tokens."""
-    enc_cls, enc_patches = feats  # [REG] (B, E), (B, T, E)
-    if cfg.token_kind == "mean":  # [REG]
-        return enc_patches.mean(1)  # [REG] (B, E)
-    return enc_cls  # [REG] (B, E)
-
-
 # 4. Interpolant (SiT Sec. 2): x_t = alpha_t x + sigma_t eps, the same t for image and token ---------------------------
 
 
@@ -553,18 +557,6 @@ def interpolant(t, path="linear"):
         angle = t * math.pi / 2
         return angle.cos(), angle.sin(), -math.pi / 2 * angle.sin(), math.pi / 2 * angle.cos()
     raise ValueError(f"unknown path {path!r}: use 'linear' or 'cosine'")
-
-
-def sample_time(n, weighting="uniform", path="linear", device="cpu"):
-    """Training times: uniform (paper default) or log-normal (EDM-style: s = exp(N(0, 1)) mapped to t)."""
-    if weighting == "uniform":
-        return torch.rand(n, device=device)
-    if weighting == "lognormal":
-        s = torch.randn(n, device=device).exp()
-        if path == "linear":
-            return s / (1 + s)
-        return 2 / math.pi * torch.atan(s)
-    raise ValueError(f"unknown time weighting {weighting!r}: use 'uniform' or 'lognormal'")
 
 
 # 5. Joint loss (REG Sec. 3): velocity of the image + beta x velocity of the token + lambda x alignment ----------------
@@ -585,7 +577,6 @@ def reg_loss(
     beta=0.03,
     lam=0.5,
     path="linear",
-    weighting="uniform",
     label_dropout=0.1,
     t=None,
     noise=None,
@@ -603,7 +594,7 @@ def reg_loss(
     check_number("label_dropout", label_dropout, 0, 1)
     B = x.shape[0]
     if t is None:
-        t = sample_time(B, weighting, path, x.device)  # (B,)
+        t = torch.rand(B, device=x.device)  # (B,) uniform on [0, 1], as the paper
     alpha, sigma, d_alpha, d_sigma = interpolant(t, path)  # 4 x (B,)
     alpha_x = alpha.view(B, 1, 1, 1)
     sigma_x = sigma.view(B, 1, 1, 1)
@@ -635,9 +626,8 @@ def reg_loss(
 def alignment_target(cfg, feats):  # [REPA]
     """The encoder tokens the projected hidden states are aligned with: the patches, and the token slot (B, N, E)."""
     enc_cls, enc_patches = feats  # [REPA] (B, E), (B, T, E)
-    if cfg.has_token_slot:  # [REG] the slot is aligned too
-        slot_target = token_target(cfg, feats)  # [REG] (B, E)
-        return torch.cat([slot_target[:, None], enc_patches], dim=1)  # [REG] (B, 1+T, E)
+    if cfg.entangled:  # [REG] the token slot is aligned with the class token too
+        return torch.cat([enc_cls[:, None], enc_patches], dim=1)  # [REG] (B, 1+T, E)
     return enc_patches  # [REPA] (B, T, E)
 
 
@@ -826,10 +816,11 @@ def make_model(preset="SiT-XL/2", method="reg", **overrides):
 
 def config_from_dict(stored):
     """The SiTConfig a checkpoint stores (asdict). Every field that shapes the function must be there (a default would
-    be a guess); token_dim came later and means 0 when absent. Files written before `token_kind` was named say `token`."""
+    be a guess); token_dim came later and means 0 when absent. Files of an older reg.py store qk_norm: false is what
+    this file computes, true (per-head q/k LayerNorms) is refused."""
     stored = dict(stored)
-    if "token" in stored:
-        stored["token_kind"] = stored.pop("token")
+    if stored.pop("qk_norm", False):
+        raise ValueError("this checkpoint normalises q and k (qk_norm), which this reg.py no longer implements")
     known = {f.name for f in fields(SiTConfig)}
     unknown = sorted(set(stored) - known)
     missing = sorted(known - set(stored) - {"token_dim"})
@@ -877,9 +868,8 @@ def config_from_state_dict(sd):
             f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
             "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model"
         )
-    token_keys = {"token_embedder.weight": "cls", "learned_token": "learned"}  # the weights each kind of token has
-    token_kind = next((kind for key, kind in token_keys.items() if key in sd), "none")
-    T = sd["pos_embed"].shape[1] - int(token_kind != "none")
+    entangled = "token_embedder.weight" in sd  # [REG]
+    T = sd["pos_embed"].shape[1] - int(entangled)
     # E: the token's mean (with token_dim), else the token's head, else the projector's output; DINOv2-B's if none
     widths = [sd[k].shape[0] for k in ("token_mean", "final_layer.linear_cls.weight", "projector.4.weight") if k in sd]
     repa = "projector.0.weight" in sd
@@ -888,9 +878,8 @@ def config_from_state_dict(sd):
         input_size=math.isqrt(T) * p,
         in_channels=C,
         num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-        qk_norm="blocks.0.attn.q_norm.weight" in sd,
         repa=repa,
-        token_kind=token_kind,
+        token_kind="cls" if entangled else "none",
         encoder_dim=widths[0] if widths else 768,
         projector_dim=sd["projector.0.weight"].shape[0] if repa else 2048,
         token_dim=sd["token_basis"].shape[1] if "token_basis" in sd else 0,
@@ -992,13 +981,14 @@ def checkpoints(folder):
 
 
 def save_training_state(folder, step, model, ema, opt, scaler, args, keep=3, **extra):
-    """The checkpoint NNNNNNN.pt: one dict (model, EMA, optimiser, scaler, step, RNG states, the run's settings and
+    """The checkpoint NNNNNNN.pt: one dict (model, EMA, optimiser, scaler (or None), step, RNG states, the run's settings and
     the script's extras), the same shape as nanoGPT's; the newest `keep` are kept (0: all)."""
     rng = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may run on fewer GPUs
-    state = dict(model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                 scaler=scaler.state_dict(), step=step, rng=rng, args=args, config=asdict(ema.cfg), **extra)  # fmt: skip
+    trained = dict(model=unwrap(model).state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+    scaler_state = scaler.state_dict() if scaler else None
+    state = dict(trained, scaler=scaler_state, step=step, rng=rng, args=args, config=asdict(ema.cfg), **extra)
     save_checkpoint(os.path.join(folder, f"{step:07d}.pt"), state)
     for old in checkpoints(folder)[:-keep] if keep else []:
         os.remove(old)
@@ -1257,7 +1247,7 @@ def model_flops(cfg, train=True):
     C = cfg.in_channels
     M = int(cfg.hidden_size * cfg.mlp_ratio)
     T = cfg.grid**2
-    N = T + int(cfg.has_token_slot)
+    N = T + int(cfg.entangled)
     block = 2 * N * (4 * D * D + 2 * D * M) + 4 * N * N * D + 12 * D * D  # qkv+proj, MLP, attention, adaLN
     io = 4 * T * p * p * C * D + 4 * D * D + 2 * (256 * D + D * D)  # (un)patchify, final adaLN, t-MLP
     repa = 2 * N * (D * P + P * P + P * E) if cfg.repa and train else 0  # [REPA] projector (training only)

@@ -78,7 +78,7 @@ def draw_labels(indices, labels, seed, random_draw):
 def generate(model, vae, encoder, indices, args, device):
     """Samples `indices` -> uint8 images (n, H, W, 3) and, given an encoder, REG's token consistency (n,) or None:
     the cosine between the token the model generated with an image and the token it would be given for that image
-    (model.token_of: the encoder's class token or patch mean, projected when the model has a token_dim).
+    (model.token_of: the encoder's class token, projected when the model has a token_dim).
     Sample i's generator draws its start image, then its start token, then its SDE noise step by step. Non-finite
     samples (a huge --cfg-scale) end the run before they are written."""
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)

@@ -6,12 +6,12 @@ Train REG on ImageNet 256 or 512 in SD-VAE latent space (REG Sec. 4), from a cla
            WORLD_SIZE-th shard.
   train    the paper's recipe: SiT-XL/2, DINOv2-B, lambda 0.5, beta 0.03, AdamW 1e-4, batch 256, EMA 0.9999, clip 1.
            `python` on one GPU, `torchrun` for DDP; --micro-batch keeps the batch on fewer GPUs. A run folder that holds
-           checkpoints continues from the newest, exactly, if the experiment is the same (--lr, --clip, --precision,
+           checkpoints continues from the newest, exactly, if the experiment is the same (--lr, --precision,
            --micro-batch ... may change). Every log record carries images/s, MFU and peak memory, so a short run is a
            benchmark (--steps 50 --log-every 10).
 
-    python train_imagenet.py prepare --data-dir ~/imagenet/train --out data/in10 --classes 10 --upscale
-    torchrun --nproc_per_node 8 train_imagenet.py prepare --data-dir ~/imagenet/train --out data/in256 --upscale
+    python train_imagenet.py prepare --data-dir ~/imagenet/train --out data/in10 --classes 10
+    torchrun --nproc_per_node 8 train_imagenet.py prepare --data-dir ~/imagenet/train --out data/in256
     python train_imagenet.py train --data-dir data/in10 --out runs/in10-b2 --model SiT-B/2 --micro-batch 64
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         train_imagenet.py train --data-dir data/in256 --out runs/xl2-reg --steps 4000000
@@ -37,8 +37,8 @@ import reg
 
 SHARD_KEYS = ("mean", "std", "images", "labels")  # what a shard holds, besides its `source`
 # a resume refuses a change of these, which make the experiment (encoder_key: the encoder's weights, whatever their
-# file or name; data_key: the preparation's sources); the others (lr, clip, precision, micro-batch, ...) may change
-MUST_MATCH = "model method beta lam batch_size seed encoder_key ema unconditional data_key".split()
+# file or name; data_key: the preparation's sources); the others (lr, precision, micro-batch, ...) may change
+MUST_MATCH = "model method beta lam batch_size seed encoder_key data_key".split()
 
 
 # Prepare: ImageFolder -> shards of centre crops and SD-VAE posteriors ------------------------------------------------
@@ -46,7 +46,8 @@ MUST_MATCH = "model method beta lam batch_size seed encoder_key ema unconditiona
 
 def center_crop(image, res):
     """ADM's crop (guided-diffusion image_datasets.py, center_crop_arr): halve with a BOX filter while the short side
-    is >= 2 res (cheap, alias-free), BICUBIC-resize the short side to res, cut the centre -> uint8 (res, res, 3)."""
+    is >= 2 res (cheap, alias-free), BICUBIC-resize the short side to res (enlarging a smaller image, as ADM does),
+    cut the centre -> uint8 (res, res, 3)."""
     while min(image.size) >= 2 * res:
         half = tuple(side // 2 for side in image.size)
         image = image.resize(half, resample=Image.Resampling.BOX)
@@ -58,12 +59,10 @@ def center_crop(image, res):
     return array[top : top + res, left : left + res]
 
 
-def load_crop(path, args):
-    """One image file -> its crop, uint8 (3, res, res); a file that cannot be used is an error naming it and the fix."""
+def load_crop(path, res):
+    """One image file -> its crop, uint8 (3, res, res); a file that cannot be read is an error naming it."""
     image = Image.fromarray(reg.read_image(path))  # 16-bit files scaled, unreadable ones named
-    if min(image.size) < args.resolution and not args.upscale:
-        raise ValueError(f"image {path} is smaller than --resolution {args.resolution}: pass --upscale, or delete it")
-    return torch.from_numpy(center_crop(image, args.resolution).copy()).permute(2, 0, 1)
+    return torch.from_numpy(center_crop(image, res).copy()).permute(2, 0, 1)
 
 
 def list_images(root, first_classes):
@@ -99,7 +98,7 @@ def encode_shard(files, source, vae, args):
     `source` (what it was made from). Threads decode and crop (PIL releases the GIL); the VAE encodes 32 at a time."""
     paths = [os.path.join(args.data_dir, file[0]) for file in files]
     with ThreadPoolExecutor(8) as pool:
-        images = torch.stack(list(pool.map(load_crop, paths, [args] * len(paths))))  # (N, 3, res, res)
+        images = torch.stack(list(pool.map(load_crop, paths, [args.resolution] * len(paths))))  # (N, 3, res, res)
     posteriors = [vae.encode(batch.to(vae.device) / 127.5 - 1).latent_dist for batch in images.split(32)]
     mean = torch.cat([posterior.mean.half().cpu() for posterior in posteriors])
     std = torch.cat([posterior.std.half().cpu() for posterior in posteriors])
@@ -191,11 +190,10 @@ def gather(shards, starts, rows, pin):
     return [column.pin_memory() for column in columns] if pin else columns
 
 
-def get_batch(host, device, args):
+def get_batch(host, device):
     """A gathered micro-batch -> x (B, 4, h, w): a fresh latent drawn from each stored posterior and scaled (LDM); y
     (B,) labels; the uint8 crops (B, 3, H, W) for the encoder. The copies to a GPU do not wait (pinned memory)."""
     mean, std, images, y = [column.to(device, non_blocking=True) for column in host]
-    y = torch.zeros_like(y) if args.unconditional else y  # unconditional: one class
     noise = torch.randn(mean.shape, device=device)
     x = (mean.float() + std.float() * noise) * reg.LATENT_SCALE  # (B, 4, h, w), about unit variance
     return x, y, images
@@ -225,12 +223,11 @@ def train(args):
     # Data: the shards stay memory-mapped on the host; a thread gathers a step's micro-batches during the step before
     shards, starts, manifest = load_prepared(args.data_dir, args.batch_size)
     n = int(starts[-1])
-    classes = ["unconditional"] if args.unconditional else manifest["classes"]  # unconditional: every label 0
     # Model and optimiser
-    encoder, model, ema, opt, scaler = build(args, manifest["resolution"] // 8, len(classes), device)
+    encoder, model, ema, opt, scaler = build(args, manifest["resolution"] // 8, len(manifest["classes"]), device)
     encoder_key = reg.fingerprint(*encoder.state_dict().values()) if encoder else None  # its weights, not their path
     settings = dict(vars(args), data_key=reg.fingerprint(manifest["sources"]), encoder_key=encoder_key)
-    extras = dict(classes=classes, resolution=manifest["resolution"], vae=manifest["vae"])  # what sample.py reads
+    extras = {key: manifest[key] for key in ("classes", "resolution", "vae")}  # what sample.py reads
     # Resume
     start = 0
     if reg.checkpoints(args.out):  # a run folder with checkpoints continues, if it is the same experiment
@@ -253,7 +250,7 @@ def train(args):
             ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(step + 1).split(micro)]
             for m, host in enumerate(batch):
                 torch.manual_seed(draw_seed(args.seed, step, rank * micro * accum + m * micro))
-                x, y, images = get_batch(host, device, args)
+                x, y, images = get_batch(host, device)
                 # DDP averages the gradients once, after the last micro-batch
                 with net.no_sync() if ddp and m < accum - 1 else nullcontext():
                     with reg.autocast(device, args.precision):
@@ -261,7 +258,7 @@ def train(args):
                         losses = reg.reg_loss(net, x, y, feats, beta=args.beta, lam=args.lam)
                     scaler.scale(losses["loss"] / accum).backward()
                 reg.add_to(sums, losses, 1 / accum)  # each micro-batch's share of the step's mean
-            grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, args.clip, args.ema)  # clip, AdamW, EMA
+            grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler)  # clip 1.0, AdamW, EMA 0.9999 (paper)
             reg.add_to(sums, dict(grad_norm=grad_norm, skipped=skipped), 1.0)
             stopping = stop.requested
             if ddp:  # the processes agree whether to stop (SIGTERM reaches them at different steps); gloo, no wait
@@ -324,12 +321,16 @@ def parser():
     a("--resolution", type=resolution, default=256, help="image side, a multiple of 8; default 256 (paper: 256, 512)")
     a("--vae", default="ema", help="SD-VAE: ema (default: the paper's sd-vae-ft-ema), mse, or a folder (offline)")
     a("--shard-size", type=reg.positive_int, default=10_000, help="images per shard; default 10K (2.1 GB at 256 px)")
-    a("--upscale", action="store_true", help="enlarge images below --resolution as ADM does (default: refuse)")
     a = commands.add_parser("train", help="train REG with the paper's recipe on a prepared folder").add_argument
     a("--data-dir", required=True, help="a finished `prepare` folder")
     a("--out", default="runs/imagenet", help="run folder: log.jsonl, checkpoints, sample grids; default runs/imagenet")
     a("--model", default="SiT-XL/2", choices=reg.PRESETS, metavar="PRESET", help="SiT-Ti/2 ... XL/8; default SiT-XL/2")
-    a("--method", default="reg", choices=reg.METHODS, help="default reg (the paper); the baselines and ablations")
+    a(
+        "--method",
+        default="reg",
+        choices=reg.METHODS,
+        help="default reg (the paper); the baselines sit, repa; reg-noalign",
+    )
     a("--encoder", default="dinov2-b", help="frozen encoder; default dinov2-b (the paper's DINOv2-B/14)")
     a("--encoder-weights", help="a local weights file (offline), or 'random' (tests); default: the hub")
     a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight; default 0.03 (REG Sec. 3)")
@@ -338,9 +339,6 @@ def parser():
     a("--batch-size", type=reg.positive_int, default=256, help="images per step over all GPUs; default 256 (paper)")
     a("--micro-batch", type=reg.positive_int, help="images per GPU and pass; default batch / GPUs (no accumulation)")
     a("--steps", type=reg.positive_int, default=400_000, help="optimiser steps; default 400K (the paper's tables)")
-    a("--ema", type=reg.unit_float, default=0.9999, help="EMA decay, every step; default 0.9999 (the paper)")
-    a("--clip", type=reg.positive_float, default=1.0, help="gradient-norm clip; default 1.0 (the release)")
-    a("--unconditional", action="store_true", help="every label 0: one class; default off (the paper is conditional)")
     a("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="GPU autocast; default bf16 (release fp16)")
     a("--seed", type=reg.nonneg_int, default=0, help="fixes the init, the data order and every random draw; default 0")
     a("--log-every", type=reg.positive_int, default=100, help="steps between log records (interval means); default 100")

@@ -121,11 +121,11 @@ def test_noise_is_per_sample_in_closed_form_and_the_seed_picks_it(tmp_path):
     assert np.abs(a.astype(int) - other).mean() > 20
 
 
-def test_token_consistency_compares_with_the_token_the_slot_stands_for(tmp_path, monkeypatch):
-    """The npz's `cos` is, per sample, the cosine between the generated token and model.token_of(encoder(image)): for
-    reg-mean the mean of the encoder's patch tokens, not its class token. Closed form with an untrained model."""
-    model = tiny("reg-mean", perturb=False)
-    path = reg.save_model(str(tmp_path / "mean.pt"), model)
+def test_token_consistency_compares_with_the_encoders_class_token(tmp_path, monkeypatch):
+    """The npz's `cos` is, per sample, the cosine between the generated token and model.token_of(encoder(image)): the
+    encoder's class token, not its patch tokens. Closed form with an untrained model (samples are their start noise)."""
+    model = tiny("reg", perturb=False)
+    path = reg.save_model(str(tmp_path / "reg.pt"), model)
     encoder = reg.load_encoder(ENC, model.cfg.grid, "random")
     monkeypatch.setattr(reg, "load_encoder", lambda *args, **kwargs: encoder)
     r = run(path, tmp_path / "out", "--npz", "--num-samples", 4, "--sampler", "euler", "--encoder", ENC)
@@ -133,9 +133,9 @@ def test_token_consistency_compares_with_the_token_the_slot_stands_for(tmp_path,
     x = torch.stack([s[0] for s in starts]).clamp(-1, 1)
     cls = torch.stack([s[1] for s in starts])
     cls_token, patches = encoder(x)
-    expected = torch.cosine_similarity(patches.mean(1), cls, dim=-1)
+    expected = torch.cosine_similarity(cls_token, cls, dim=-1)
     assert np.allclose(npz(r, "cos"), expected.numpy(), atol=1e-5)
-    assert not np.allclose(npz(r, "cos"), torch.cosine_similarity(cls_token, cls, dim=-1).numpy(), atol=1e-3)
+    assert not np.allclose(npz(r, "cos"), torch.cosine_similarity(patches.mean(1), cls, dim=-1).numpy(), atol=1e-3)
     assert r["token_consistency"] == pytest.approx(float(expected.mean()), abs=1e-5)
 
 
