@@ -820,7 +820,7 @@ def config_from_dict(stored):
     this file computes, true (per-head q/k LayerNorms) is refused."""
     stored = dict(stored)
     if stored.pop("qk_norm", False):
-        raise ValueError("this checkpoint normalises q and k (qk_norm), which this reg.py no longer implements")
+        raise ValueError("this checkpoint normalises q and k (qk_norm), unlike this reg.py: use the one that wrote it")
     known = {f.name for f in fields(SiTConfig)}
     unknown = sorted(set(stored) - known)
     missing = sorted(known - set(stored) - {"token_dim"})
@@ -868,7 +868,7 @@ def config_from_state_dict(sd):
             f"no preset has depth {depth}, width {D}, patch {p}, and the head count is not stored: build "
             "SiTConfig(num_heads=...) yourself and use load_weights, or save with save_model"
         )
-    entangled = "token_embedder.weight" in sd  # [REG]
+    entangled = "token_embedder.weight" in sd  # the REG token's weights
     T = sd["pos_embed"].shape[1] - int(entangled)
     # E: the token's mean (with token_dim), else the token's head, else the projector's output; DINOv2-B's if none
     widths = [sd[k].shape[0] for k in ("token_mean", "final_layer.linear_cls.weight", "projector.4.weight") if k in sd]
