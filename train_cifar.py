@@ -306,6 +306,8 @@ def train(args):
         data.encoder = encoder
         settings = dict(vars(args), classes=data.classes, data_key=reg.fingerprint(data.images, data.labels))
         settings["encoder_key"] = reg.fingerprint(*encoder.state_dict().values()) if encoder else None
+        if reg.checkpoints(out):  # a resume that will be refused costs nothing
+            reg.newest_checkpoint(out, settings, MUST_MATCH)
         if args.cache_features and encoder:
             key = reg.fingerprint(data.images, settings["encoder_key"], encoder.grid, encoder.size)  # no labels
             data.cache = open_cache(args, data, key)

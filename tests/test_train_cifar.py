@@ -215,6 +215,9 @@ def test_resume_refuses_other_data(tmp_path):
     train_cifar.main(args(first, out, "--steps", "1"))
     with pytest.raises(SystemExit, match="data_key"):
         train_cifar.main(args(second, out, "--steps", "2"))
+    with pytest.raises(SystemExit, match="holdout: checkpoint 0, now 2"):  # refused before the cache is built
+        train_cifar.main(args(first, out, "--steps", "2", "--holdout", "2", "--cache-features"))
+    assert not list(tmp_path.glob("cache/feats-*"))
     os.rename(first, tmp_path / "moved")  # the same images in another folder: accepted
     train_cifar.main(args(tmp_path / "moved", out, "--steps", "2"))
 
