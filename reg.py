@@ -994,10 +994,10 @@ def save_training_state(folder, step, model, ema, opt, scaler, args, keep=3, **e
         os.remove(old)
 
 
-def resume(folder, args, must_match, model, ema, opt, scaler):
-    """Load the newest checkpoint of `folder` into the objects and return its dict. Every setting in `must_match`
-    (args is a dict) must equal the checkpoint's, else a ValueError lists what differs; the others may change and
-    are printed and logged."""
+def newest_checkpoint(folder, args, must_match):
+    """The newest checkpoint of `folder` (path, dict) if it continues this run: every setting in `must_match` (args is
+    a dict) must equal the checkpoint's, else a ValueError lists what differs. Cheap (read lazily): call it before
+    any costly preparation, so that a refused resume costs nothing."""
     path = checkpoints(folder)[-1]
     state = load_checkpoint(path)
     old = state["args"]
@@ -1007,6 +1007,14 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
         raise ValueError(f"{path} comes from another experiment ({'; '.join(differ)}): {fix}")
     if args["steps"] < state["step"]:
         raise ValueError(f"{path} is at step {state['step']}, past --steps {args['steps']}: raise --steps to continue")
+    return path, state
+
+
+def resume(folder, args, must_match, model, ema, opt, scaler):
+    """Load the newest checkpoint of `folder` into the objects and return its dict (newest_checkpoint's checks); the
+    settings outside `must_match` may change and are printed and logged."""
+    path, state = newest_checkpoint(folder, args, must_match)
+    old = state["args"]
     changed = {k: [old.get(k), v] for k, v in args.items() if k not in must_match and old.get(k) != v}
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one record and one line
         log(folder, step=state["step"], resumed=True, changed=changed)

@@ -306,6 +306,8 @@ def train(args):
         data.encoder = encoder
         settings = dict(vars(args), classes=data.classes, data_key=reg.fingerprint(data.images, data.labels))
         settings["encoder_key"] = reg.fingerprint(*encoder.state_dict().values()) if encoder else None
+        if reg.checkpoints(out):  # a resume that will be refused costs nothing
+            reg.newest_checkpoint(out, settings, MUST_MATCH)
         if args.cache_features and encoder:
             key = reg.fingerprint(data.images, settings["encoder_key"], encoder.grid, encoder.size)  # no labels
             data.cache = open_cache(args, data, key)
@@ -493,6 +495,8 @@ def report(out, runs, methods, seeds, judge):
     last evaluation, seed by seed (one method's seeds spread more than methods differ, so seeds are paired): FD, and
     the held-out image loss per t bin in % of the baseline's."""
     base = "sit" if "sit" in methods else methods[0]
+    methods = [base] + [m for m in methods if m != base]  # the baseline first
+    others = methods[1:]
     step = runs[base, seeds[0]]["step"]
     fd = {key: r["fd"] for key, r in runs.items()}
     diff = {m: [fd[m, s] - fd[base, s] for s in seeds] for m in methods}
@@ -507,8 +511,8 @@ def report(out, runs, methods, seeds, judge):
         lines += [f"| {s} | " + " | ".join(cells) + " |"]
     cells = [f"{np.mean([fd[m, s] for s in seeds]):.2f}" for m in methods]
     lines += ["| mean | " + " | ".join(cells) + " |"]
-    cells = [
-        f"{np.mean(diff[m]):+.2f} +- {np.std(diff[m]):.2f}, lower in {sum(d < 0 for d in diff[m])}" for m in methods
+    cells = ["-"] + [
+        f"{np.mean(diff[m]):+.2f} +- {np.std(diff[m]):.2f}, lower in {sum(d < 0 for d in diff[m])}" for m in others
     ]
     lines += [f"| minus {base} (of {len(seeds)} seeds) | " + " | ".join(cells) + " |"]
     lines += [

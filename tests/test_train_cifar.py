@@ -1,5 +1,7 @@
 """Tests of train_cifar.py on a tiny generated ImageFolder with randomly initialised real timm encoders (CPU, offline)."""
 
+import copy
+import functools
 import json
 import os
 import signal
@@ -7,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,10 +21,11 @@ from PIL import Image
 
 import reg
 import train_cifar
-from tests.conftest import lock_held_elsewhere
+from tests.conftest import count_host_reads, lock_held_elsewhere
 
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
 ENC = ["--encoder", "vit_small_patch14_dinov2.lvd142m", "--encoder-weights", "random"]
+RANDOM_LITE0 = ["--encoder-weights", "random"]  # the CPU recipe's encoder, untrained (offline)
 FD = ["--fd-encoder", "test_efficientnet", "--fd-encoder-weights", "random"]  # a tiny timm CNN, 256 wide: FD is cheap
 
 
@@ -211,6 +215,9 @@ def test_resume_refuses_other_data(tmp_path):
     train_cifar.main(args(first, out, "--steps", "1"))
     with pytest.raises(SystemExit, match="data_key"):
         train_cifar.main(args(second, out, "--steps", "2"))
+    with pytest.raises(SystemExit, match="holdout: checkpoint 0, now 2"):  # refused before the cache is built
+        train_cifar.main(args(first, out, "--steps", "2", "--holdout", "2", "--cache-features"))
+    assert not list(tmp_path.glob("cache/feats-*"))
     os.rename(first, tmp_path / "moved")  # the same images in another folder: accepted
     train_cifar.main(args(tmp_path / "moved", out, "--steps", "2"))
 
@@ -437,7 +444,9 @@ def test_bad_input_gives_clear_errors(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--encoder-weights"):  # offline hub -> names the fix
         train_cifar.main(args(data, tmp_path / "r4", "--steps", "1", enc=["--encoder", "dinov2-s"]))
     with pytest.raises(SystemExit, match="12 images leave 0 for training after --holdout 256"):  # the default
-        train_cifar.main(train_cifar.parse_args(["--data-dir", str(data), "--device", "cpu", "--out", str(out)]))
+        train_cifar.main(
+            train_cifar.parse_args(["--data-dir", str(data), "--device", "cpu", "--out", str(out), *RANDOM_LITE0])
+        )
 
     def offline(*a, **k):  # as torchvision fails without a network
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -522,3 +531,43 @@ def test_kill_9_then_the_same_command_continues_exactly(data, tmp_path):
     train_cifar.main(args(data, killed, *flags))  # resumed from 0000004.pt or later, whatever was whole
     a, b = reg.load_checkpoint(str(whole / "0000008.pt")), reg.load_checkpoint(str(killed / "0000008.pt"))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def snapshot_after_each_step(optimizer_step, seen, snapshots, *args, **kwargs):
+    """reg.optimizer_step that keeps a copy of `seen` (the reads or waits so far) after each step."""
+    out = optimizer_step(*args, **kwargs)
+    snapshots.append(copy.copy(seen))
+    return out
+
+
+def test_a_training_step_reads_nothing_from_the_device(data, tmp_path, monkeypatch):
+    """Between log steps a training step (batch, live encoder, loss, backward, clip, AdamW, EMA) reads no tensor value
+    to the host, so on a GPU the host runs ahead (counted by a dispatch mode: conftest.count_host_reads). Step 2
+    neither logs nor saves. On a CPU, PyTorch's unfused AdamW reads its step counters (a GPU run uses the fused one)."""
+    snapshots = []
+    with count_host_reads() as reads:
+        step = functools.partial(snapshot_after_each_step, reg.optimizer_step, reads, snapshots)
+        monkeypatch.setattr(reg, "optimizer_step", step)
+        train_cifar.main(args(data, tmp_path / "run", "--steps", "3", "--log-every", "3"))
+    step_2 = snapshots[1] - snapshots[0]
+    assert [where for where in step_2 if DEVICE != "cpu" or "optimizer_step" not in where] == []
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="counts CUDA waits: pytest --device cuda")
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(data, tmp_path, monkeypatch, cached):
+    """pytest --device cuda: CUDA's sync debug mode reports no wait in step 2 (the batch, the encoder or the cache on
+    the GPU, forward, backward, clip, AdamW, EMA)."""
+    snapshots = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step = functools.partial(snapshot_after_each_step, reg.optimizer_step, caught, snapshots)
+            monkeypatch.setattr(reg, "optimizer_step", step)
+            cache = ["--cache-features"] if cached else []
+            train_cifar.main(args(data, tmp_path / "run", "--steps", "3", "--log-every", "3", *cache))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
+    assert [w for w in waits if "synchroniz" in w] == []
