@@ -1324,27 +1324,28 @@ def fd_stats(encoder, images, batch_size=100, cache_dir=None):
     return stats
 
 
-def plot_log(logs, png, keys):
-    """A PNG with one panel per key over the steps, one curve per run of `logs` = {name: log.jsonl path}; a key whose
-    values are lists (the loss per t bin) draws one curve per entry. Needs matplotlib; returns the path, or None."""
+def plot_log(path, png, panels):
+    """A PNG with a panel per {key: title} of `panels` over the steps of one log.jsonl, every record a point (a short run
+    has few); a key whose values are lists (the loss per t bin) draws a curve per t bin. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {name: read_log(path) for name, path in logs.items()}
-    keys = [k for k in keys if any(k in r for records in runs.values() for r in records)]
-    if not keys:
+    records = read_log(path)
+    panels = {key: title for key, title in panels.items() if any(key in r for r in records)}
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, records in runs.items():
-            rows = [r for r in records if key in r]
-            values = torch.tensor([r[key] for r in rows], dtype=torch.float64).view(len(rows), -1)  # (steps, curves)
-            ax.plot([r["step"] for r in rows], values.numpy(), label=name or key)
-            ax.set_yscale("log" if (values > 0).all() else "linear")  # align is negative, plain SiT's token loss 0
-        ax.set(title=key, xlabel="step")
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels.items()):
+        rows = [r for r in records if key in r]
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64).view(len(rows), -1)  # (steps, curves)
+        labels = [f"t = {t:.2f}" for t in rows[0].get("bin_t", [])] or None  # t bins: which curve is which
+        ax.plot([r["step"] for r in rows], values.numpy(), marker="o", markersize=3, label=labels)
+        ax.set_yscale("log" if (values > 0).all() else "linear")  # align is negative
+        ax.set(title=title, xlabel="step")
+        if labels:
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -358,9 +358,11 @@ def train(args):
 
 def plot_run(out):
     """losses.png: the loss terms over the steps; t_bins.png: the held-out loss per t bin (after an evaluation)."""
-    log_path = {"": os.path.join(out, "log.jsonl")}
-    reg.plot_log(log_path, os.path.join(out, "losses.png"), ("loss", "denoise", "denoise_cls", "align"))
-    reg.plot_log(log_path, os.path.join(out, "t_bins.png"), ("bin_denoise", "bin_denoise_cls"))
+    path = os.path.join(out, "log.jsonl")
+    terms = dict(denoise="image velocity loss", denoise_cls="token velocity loss (REG)", align="alignment, -cos (REPA)")
+    reg.plot_log(path, os.path.join(out, "losses.png"), terms)
+    bins = dict(bin_denoise="held-out image loss per t bin", bin_denoise_cls="held-out token loss per t bin")
+    reg.plot_log(path, os.path.join(out, "t_bins.png"), bins)
 
 
 def build(args, data, device):
