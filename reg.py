@@ -1340,7 +1340,8 @@ def plot_log(path, png, panels):
     for ax, (key, title) in zip(axes[0], panels.items()):
         rows = [r for r in records if key in r]
         values = torch.tensor([r[key] for r in rows], dtype=torch.float64).view(len(rows), -1)  # (steps, curves)
-        labels = [f"t = {t:.2f}" for t in rows[0].get("bin_t", [])] or None  # t bins: which curve is which
+        bins = rows[0].get("bin_t", []) if values.shape[1] > 1 else []  # t bins: which curve is which
+        labels = [f"t = {t:.2f}" for t in bins] or None
         ax.plot([r["step"] for r in rows], values.numpy(), marker="o", markersize=3, label=labels)
         ax.set_yscale("log" if (values > 0).all() else "linear")  # align is negative
         ax.set(title=title, xlabel="step")

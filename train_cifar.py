@@ -263,13 +263,13 @@ def to_device_if_fits(array, device, what):
     return on_device
 
 
-def training_tokens(data, cfg):
+def training_tokens(data):
     """The encoder token (N, E) of every training image, unflipped: for --token-dim's directions."""
     idx = torch.arange(data.n_train, device=data.images.device)
     tokens = []
     for part in idx.split(256):
         feats = features(data, data.images[part], part, torch.zeros_like(part))
-        tokens.append(reg.token_target(cfg, feats).float())
+        tokens.append(feats[0].float())
     return torch.cat(tokens)
 
 
@@ -297,24 +297,12 @@ def train(args):
         args.token_dim = 0  # no token to project: not stored, not compared as if it mattered
     out = args.out or os.path.join("runs", f"cifar-{args.method}-{args.model.replace('/', '-')}")
     with reg.lock_folder(out):  # one trainer per folder while the run lasts
-        # Data and the frozen encoder: what is missing, or too big for this machine, is refused before the work
-        dataset, encoder = find_inputs(args, device)
-        side = np.asarray(dataset[0][0]).shape[0]
-        if device.type == "cpu":
-            check_memory(args, len(dataset), side, encoder)
-        data = load_data(args, dataset, device)
-        data.encoder = encoder
-        settings = dict(vars(args), classes=data.classes, data_key=reg.fingerprint(data.images, data.labels))
-        settings["encoder_key"] = reg.fingerprint(*encoder.state_dict().values()) if encoder else None
-        if reg.checkpoints(out):  # a resume that will be refused costs nothing
-            reg.newest_checkpoint(out, settings, MUST_MATCH)
-        if args.cache_features and encoder:
-            key = reg.fingerprint(data.images, settings["encoder_key"], encoder.grid, encoder.size)  # no labels
-            data.cache = open_cache(args, data, key)
+        # Data, the frozen encoder and its feature cache
+        data, settings = prepare(args, device, out)
         # Model and optimiser
         model, ema, opt, scaler = build(args, data, device)
         net = torch.compile(model) if args.compile else model
-        if args.cache_features and encoder:
+        if data.cache is not None:  # on a GPU when it fits beside the model and AdamW
             data.cache = to_device_if_fits(data.cache, device, "the feature cache")
         # Resume
         step = 0
@@ -356,6 +344,24 @@ def train(args):
     return out, stop.requested
 
 
+def prepare(args, device, out):
+    """The data with the frozen encoder (and its feature cache) on it, and the run's settings. What is missing, a run
+    too big for this machine's memory and a resume that would be refused are refused before the costly work."""
+    dataset, encoder = find_inputs(args, device)
+    if device.type == "cpu":
+        check_memory(args, len(dataset), np.asarray(dataset[0][0]).shape[0], encoder)
+    data = load_data(args, dataset, device)
+    data.encoder = encoder
+    settings = dict(vars(args), classes=data.classes, data_key=reg.fingerprint(data.images, data.labels))
+    settings["encoder_key"] = reg.fingerprint(*encoder.state_dict().values()) if encoder else None
+    if reg.checkpoints(out):
+        reg.newest_checkpoint(out, settings, MUST_MATCH)
+    if args.cache_features and encoder:
+        key = reg.fingerprint(data.images, settings["encoder_key"], encoder.grid, encoder.size)  # no labels
+        data.cache = open_cache(args, data, key)
+    return data, settings
+
+
 def plot_run(out):
     """losses.png: the loss terms over the steps; t_bins.png: the held-out loss per t bin (after an evaluation)."""
     path = os.path.join(out, "log.jsonl")
@@ -375,7 +381,7 @@ def build(args, data, device):
         raise ValueError(f"--token-dim {args.token_dim} needs more training images ({data.n_train}): lower it")
     model = reg.make_model(args.model, args.method, **overrides, encoder_dim=encoder_dim, token_dim=args.token_dim)
     if model.cfg.entangled and args.token_dim:  # ours: the token on its top principal directions
-        model.set_token_basis(training_tokens(data, model.cfg))
+        model.set_token_basis(training_tokens(data))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0, fused=cuda)
@@ -443,8 +449,7 @@ def save_samples(args, ema, data, out, step):
 @torch.no_grad()
 def evaluate(args, ema, data, judge, out, step):
     """Log the held-out loss per t bin; FD of --eval-n EMA samples (the classes in turn) against the training set, and
-    of each half (their spread is the evaluation noise); for an entangled token, where the generated tokens land and
-    their consistency with the encoder's token of the image they came with."""
+    of each half (their spread is the evaluation noise); for an entangled token, the generated tokens' consistency with the encoder's token of the image they came with."""
     fd_encoder, reference = judge
     held = torch.arange(data.n_train, len(data.images), device=data.images.device)
     held_feats = features(data, data.images[held], held, torch.zeros_like(held))
@@ -572,7 +577,12 @@ def parser():
     a("--holdout", type=reg.nonneg_int, default=256, help="images never trained on (the loss per t bin); default 256")
     a("--unconditional", action="store_true", help="every label 0 (one class); the grids show rows of samples")
     a("--model", default="SiT-B/2", choices=list(reg.PRESETS), help="default SiT-B/2 (~1 h on a GPU); CPU: SiT-Ti/4")
-    a("--method", default="reg", choices=list(reg.METHODS), help="reg (the paper), repa, sit, or a REG Sec. 4 ablation")
+    a(
+        "--method",
+        default="reg",
+        choices=list(reg.METHODS),
+        help="reg (the paper), repa, sit, or reg-noalign (REG without REPA)",
+    )
     a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
     a("--lam", type=reg.nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
     a("--token-dim", type=reg.nonneg_int, default=0, help="ours: K <= width, the token on its top K directions; 0: all")
