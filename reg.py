@@ -397,7 +397,7 @@ def check_batch(net, x, y, cls=None, feats=None, loss=False):
     if needs_patches and shape_of(feats[1]) != (B, cfg.grid**2, cfg.encoder_dim):
         need = (B, cfg.grid**2, cfg.encoder_dim)
         raise ValueError(f"patch tokens {shape_of(feats[1])}, the SiT grid needs (B, T, E) = {need}: set the grid")
-    if not loss and cfg.entangled and shape_of(cls) != (B, cfg.token_width):  # [REG]
+    if not loss and cfg.entangled and shape_of(cls) != (B, cfg.token_width):
         raise ValueError(f"the REG token must be (B, E) = ({B}, {cfg.token_width}), got {shape_of(cls)}")
     if not loss and not cfg.entangled and cls is not None:
         raise ValueError(f"a token {shape_of(cls)} for a model without one ({cfg.token_kind!r}): pass cls=None")
@@ -1258,8 +1258,8 @@ def model_flops(cfg, train=True):
     N = T + int(cfg.entangled)
     block = 2 * N * (4 * D * D + 2 * D * M) + 4 * N * N * D + 12 * D * D  # qkv+proj, MLP, attention, adaLN
     io = 4 * T * p * p * C * D + 4 * D * D + 2 * (256 * D + D * D)  # (un)patchify, final adaLN, t-MLP
-    repa = 2 * N * (D * P + P * P + P * E) if cfg.repa and train else 0  # [REPA] projector (training only)
-    token = 4 * cfg.token_width * D if cfg.entangled else 0  # [REG] token in and out
+    repa = 2 * N * (D * P + P * P + P * E) if cfg.repa and train else 0  # the REPA projector (training only)
+    token = 4 * cfg.token_width * D if cfg.entangled else 0  # the REG token in and out
     return cfg.depth * block + io + repa + token
 
 

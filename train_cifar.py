@@ -449,7 +449,8 @@ def save_samples(args, ema, data, out, step):
 @torch.no_grad()
 def evaluate(args, ema, data, judge, out, step):
     """Log the held-out loss per t bin; FD of --eval-n EMA samples (the classes in turn) against the training set, and
-    of each half (their spread is the evaluation noise); for an entangled token, the generated tokens' consistency with the encoder's token of the image they came with."""
+    of each half (their spread is the evaluation noise); for an entangled token, the generated tokens' consistency
+    with the encoder's token of the image they came with."""
     fd_encoder, reference = judge
     held = torch.arange(data.n_train, len(data.images), device=data.images.device)
     held_feats = features(data, data.images[held], held, torch.zeros_like(held))
