@@ -1019,6 +1019,8 @@ def resume(folder, args, must_match, model, ema, opt, scaler):
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one record and one line
         log(folder, step=state["step"], resumed=True, changed=changed)
         print(f"resume from {path}; changed: {changed or 'nothing'}")
+        if state["step"] == args["steps"]:
+            print(f"{folder} already finished at step {state['step']}: raise --steps to train on")
     load_weights(unwrap(model), state["model"])
     load_weights(ema, state["ema"])
     opt.load_state_dict(state["opt"])

@@ -204,7 +204,7 @@ def get_batch(host, device):
 
 def processes(args):
     """torchrun's process (RANK of WORLD_SIZE, one per GPU; DDP wherever RANK is set, one process too), its device,
-    and the split of the global batch: micro-batches of `micro` images, `accum` of them per step (accumulation)."""
+    the split of the global batch (micro-batches of `micro` images, `accum` of them per step) and whether DDP is on."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     micro = args.micro_batch or args.batch_size // world
@@ -214,12 +214,11 @@ def processes(args):
     device = reg.pick_device(args.device)
     if "RANK" in os.environ:  # NCCL for the GPU's tensors; gloo for the CPU's (the stop flag: agreeing never waits)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return rank, world, micro, accum, device
+    return rank, world, micro, accum, device, dist.is_initialized()
 
 
 def train(args):
-    rank, world, micro, accum, device = processes(args)
-    ddp = dist.is_initialized()
+    rank, world, micro, accum, device, ddp = processes(args)
     # Data: the shards stay memory-mapped on the host; a thread gathers a step's micro-batches during the step before
     shards, starts, manifest = load_prepared(args.data_dir, args.batch_size)
     n = int(starts[-1])
@@ -229,21 +228,21 @@ def train(args):
     settings = dict(vars(args), data_key=reg.fingerprint(manifest["sources"]), encoder_key=encoder_key)
     extras = {key: manifest[key] for key in ("classes", "resolution", "vae")}  # what sample.py reads
     # Resume
-    start = 0
+    step = 0
     if reg.checkpoints(args.out):  # a run folder with checkpoints continues, if it is the same experiment
-        start = reg.resume(args.out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
+        step = reg.resume(args.out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model  # after the resume: copies rank 0's
     if rank == 0:
         print(f"{n} images stay on the host, memory-mapped; micro-batches of {micro} go to {device} one ahead")
     # Train
     flops_per_image = 3 * reg.model_flops(model.cfg)  # the SiT's training step (not the frozen encoder)
     sums = {}  # running sums since the last log, on the device: the loop waits for the device only at logs
-    last = (start, time.perf_counter())  # the step and time of the last log record
+    last = (step, time.perf_counter())  # the step and time of the last log record
     pin = device.type == "cuda"  # pinned host memory (torch pins it in this GPU's context, from any thread)
     rows_of = functools.partial(batch_rows, rank=rank, world=world, n=n, batch_size=args.batch_size, seed=args.seed)
     with reg.GracefulStop() as stop, ThreadPoolExecutor(1) as loader:  # one thread, a step ahead
-        ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(start).split(micro)]
-        for step in range(start, args.steps):
+        ahead = [loader.submit(gather, shards, starts, rows, pin) for rows in rows_of(step).split(micro)]
+        while step < args.steps:
             waited = time.perf_counter()
             batch = [future.result() for future in ahead]  # gathered during the last step
             reg.add_to(sums, dict(data_wait_s=time.perf_counter() - waited), 1.0)  # input as the bottleneck
@@ -265,15 +264,17 @@ def train(args):
                 flag = torch.tensor([float(stopping)])
                 dist.all_reduce(flag)
                 stopping = bool(flag > 0)
+            step += 1
             # Periodic jobs: log (also before every checkpoint, so a non-finite run is never saved), save
-            done = step + 1
-            save = done % args.ckpt_every == 0 or done == args.steps or stopping
-            if save or done % args.log_every == 0:
-                last = reg.log_interval(args.out, done, sums, last, micro * accum, flops_per_image, device)
+            save = step % args.ckpt_every == 0 or step == args.steps or stopping
+            if save or step % args.log_every == 0:
+                last = reg.log_interval(args.out, step, sums, last, micro * accum, flops_per_image, device)
             if save and rank == 0:
-                reg.save_training_state(args.out, done, model, ema, opt, scaler, settings, **extras)
+                reg.save_training_state(args.out, step, model, ema, opt, scaler, settings, **extras)
             if stopping:  # GracefulStop has said how to continue
                 break
+    if rank == 0:
+        print(f"{'stopped' if stop.requested else 'done'} at step {step}: {args.out} holds the checkpoints, log.jsonl")
     if ddp:
         dist.destroy_process_group()
 

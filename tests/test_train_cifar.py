@@ -164,7 +164,7 @@ def test_feature_cache_matches_live_encoder(data, tmp_path):
     in_memory = train_cifar.to_device_if_fits(memmap, torch.device(DEVICE), "cache")  # a tensor on a GPU
     assert torch.is_tensor(in_memory) == DEVICE.startswith("cuda")
     on_device = train_cifar.features(
-        train_cifar.Data(None, None, [], 12, cache=torch.as_tensor(in_memory).to(DEVICE)),
+        train_cifar.Data(None, None, [], 12, cache=torch.as_tensor(np.array(in_memory)).to(DEVICE)),
         x.to(DEVICE),
         idx.to(DEVICE),
         flip.to(DEVICE),
@@ -189,11 +189,11 @@ def test_unconditional_trains_one_class_and_shows_rows_of_samples(data, tmp_path
     assert Image.open(out / "samples_0000002.png").size == (8 + 6 * 3 + 8 * 68, 18 + 8 * 68)  # 8 rows named "all"
 
 
-# --- Part 2: issue 11 ---------------------------------------------------------------------------------------------------
+# --- Part 2: caches, resume and bad input ---------------------------------------------------------------------------------------------------
 
 
 def test_feature_cache_is_keyed_by_content_not_by_size(tmp_path):
-    """Issue 11 (1): two datasets of the same size under one --cache-dir each get their own cache; a cache whose stored
+    """two datasets of the same size under one --cache-dir each get their own cache; a cache whose stored
     key does not match is refused."""
     first = make_folder(tmp_path / "first", seed=1)
     second = make_folder(tmp_path / "second", seed=2)  # same size, other pixels
@@ -208,7 +208,7 @@ def test_feature_cache_is_keyed_by_content_not_by_size(tmp_path):
 
 
 def test_resume_refuses_other_data(tmp_path):
-    """Issue 11 (1): --resume with another --data-dir holding other images of the same size is refused."""
+    """--resume with another --data-dir holding other images of the same size is refused."""
     first = make_folder(tmp_path / "first", seed=1)
     second = make_folder(tmp_path / "second", seed=2)
     out = tmp_path / "run"
@@ -231,7 +231,7 @@ BAD_NUMBERS = [("--steps", "0", ">= 1"), ("--steps", "-5", ">= 1"), ("--limit", 
 
 @pytest.mark.parametrize("flag, value, allowed", BAD_NUMBERS)
 def test_bad_numbers_are_refused_at_parse_time_with_the_range(flag, value, allowed, capsys, tmp_path):
-    """Issue 11 (3): every numeric flag is checked before anything runs; the error names the flag and the range."""
+    """every numeric flag is checked before anything runs; the error names the flag and the range."""
     with pytest.raises(SystemExit):
         train_cifar.parse_args(["--data-dir", str(tmp_path), flag, value])
     err = capsys.readouterr().err
@@ -250,7 +250,7 @@ def test_flag_combinations_are_checked(data, tmp_path, capsys):
 
 
 def test_resume_may_lower_the_learning_rate_but_not_change_the_experiment(data, tmp_path):
-    """Issue 11 (4): the NaN advice "lower --lr" works with --resume; beta still makes another experiment."""
+    """the NaN advice "lower --lr" works with --resume; beta still makes another experiment."""
     out = tmp_path / "run"
     train_cifar.main(args(data, out, "--steps", "2", "--lr", "1e-3"))
     train_cifar.main(args(data, out, "--steps", "3", "--lr", "2e-4"))
@@ -267,7 +267,7 @@ def test_resume_may_lower_the_learning_rate_but_not_change_the_experiment(data, 
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(data, tmp_path, monkeypatch):
-    """Issue 11 (5): a scheduler's SIGTERM ends the step, saves and stops (the old script died without saving)."""
+    """a scheduler's SIGTERM ends the step, saves and stops (the old script died without saving)."""
     previous = signal.signal(signal.SIGTERM, must_not_be_reached)
     try:
         with monkeypatch.context() as m:
@@ -312,7 +312,7 @@ def test_ctrl_c_while_building_the_cache_cleans_up(data, tmp_path, monkeypatch):
     assert not list(caches.glob("*.tmp")) and len(list(caches.glob("*.npy"))) == 1
 
 
-# --- Part 3: the diagnostics and the comparison (issue 10) ----------------------------------------------------------
+# --- Part 3: the diagnostics and the comparison ----------------------------------------------------------------
 
 
 def test_evaluation_logs_fd_halves_bins_and_token_consistency(tmp_path):
@@ -456,7 +456,7 @@ def test_bad_input_gives_clear_errors(data, tmp_path, monkeypatch):
         train_cifar.main(args(tmp_path / "nothing", tmp_path / "r5", "--steps", "1"))
 
 
-# --- issues 16 and 17: a token that fits, one trainer per folder, images read by content, the forecast -------------
+# --- a token that fits, one trainer per folder, images read by content, the forecast -------------------------
 
 
 def test_token_dim_projects_the_token_and_resumes_with_the_same_directions(data, tmp_path):
