@@ -17,7 +17,6 @@ import functools
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,16 +130,15 @@ def split(args, dataset):
 
 def check_memory(args, n_images, side, encoder):
     """On a CPU, refuse a run that would not fit in this machine's memory before reading a single image: the weights,
-    gradients, AdamW's two moments and the EMA (20 bytes a parameter), the activations a training step keeps per
-    image (fp32, measured on SiT-S/2 and B/2 here: about 12 D + 2.5 MLP widths per token and block) and the images."""
-    cfg = reg.SiTConfig(**{**reg.PRESETS[args.model], **reg.METHODS[args.method]}, input_size=side, in_channels=3)
-    with torch.device("meta"), warnings.catch_warnings():  # the parameter count, without memory or a warning
-        warnings.simplefilter("ignore")
-        params = sum(p.numel() for p in reg.SiT(cfg).parameters())
-    tokens = cfg.grid**2 + 1
-    per_image = 4 * cfg.depth * tokens * (12 * cfg.hidden_size + 2.5 * cfg.hidden_size * cfg.mlp_ratio)
+    gradients, AdamW's two moments and the EMA (20 bytes a parameter; a block holds 18 D^2: attention 4, MLP 8, adaLN
+    6), the activations a training step keeps per image (fp32, measured on SiT-S/2 and B/2 here: about 12 D + 2.5 MLP
+    widths per token and block), the images and a live encoder."""
+    size = reg.PRESETS[args.model]
+    D = size["hidden_size"]
+    tokens = (side // size["patch_size"]) ** 2 + 1
+    per_image = 4 * size["depth"] * tokens * (12 * D + 2.5 * 4 * D)
     encoder_bytes = 4 * sum(p.numel() for p in encoder.parameters()) if encoder and not args.cache_features else 0
-    need = 20 * params + args.batch_size * per_image + n_images * 3 * side**2 + encoder_bytes
+    need = 20 * 18 * size["depth"] * D**2 + args.batch_size * per_image + n_images * 3 * side**2 + encoder_bytes
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
         raise ValueError(

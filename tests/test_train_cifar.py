@@ -571,3 +571,16 @@ def test_a_training_step_never_waits_for_the_gpu(data, tmp_path, monkeypatch, ca
         torch.cuda.set_sync_debug_mode(0)
     waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
     assert [w for w in waits if "synchroniz" in w] == []
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the memory check is the CPU's (a GPU's own error says out of memory)")
+def test_a_run_too_big_for_the_memory_is_refused_before_reading_the_data(data, tmp_path, monkeypatch):
+    def one_gib(name):  # os.sysconf of a machine with 1 GiB: 2^18 pages of 4 KiB
+        return 4096 if name == "SC_PAGE_SIZE" else 2**18
+
+    monkeypatch.setattr(train_cifar.os, "sysconf", one_gib)  # 8 px images: SiT-B/2 weights and steps, 4 GiB
+    read = []
+    monkeypatch.setattr(train_cifar, "load_data", lambda *a: read.append(1))
+    with pytest.raises(SystemExit, match="SiT-B/2 at --batch-size 128 needs about 4 GiB, this machine has 1: lower"):
+        train_cifar.main(args(data, tmp_path / "run", "--model", "SiT-B/2", "--batch-size", "128", "--steps", "1"))
+    assert read == []
