@@ -20,6 +20,8 @@ from einops import rearrange
 import reg
 from tests.conftest import one_thread  # noqa: F401  (the tiny models run on one CPU thread)
 
+pytestmark = pytest.mark.filterwarnings("ignore:the REG token is .* wide but the model only")  # tiny presets
+
 OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), "tests", "official_keys_sit_xl2_reg.json")
 
 

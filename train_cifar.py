@@ -15,6 +15,7 @@ import argparse
 import copy
 import functools
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -100,12 +101,16 @@ def open_dataset(args):
             return ImageFolder(args.data_dir, loader=reg.read_image, is_valid_file=valid)
         except FileNotFoundError as e:  # no class folders, or none with images directly inside
             raise ValueError(f"--data-dir {args.data_dir}: {e} Put the images in one folder per class") from None
+    new_folder = not os.path.exists(args.data_dir)
     try:
         return CIFAR10(args.data_dir, train=True, download=True)
     except Exception as e:
+        if new_folder:  # leave no empty folder behind: a rerun meets the same message
+            shutil.rmtree(args.data_dir, ignore_errors=True)
         raise ValueError(
-            f"could not download CIFAR-10 into --data-dir {args.data_dir} ({str(e)[:80]}). Offline? Pass any "
-            "ImageFolder as --data-dir (for CIFAR-10 as JPEGs: the folder holding the 10 class folders)"
+            f"--data-dir {args.data_dir} {'does not exist' if new_folder else 'holds no ImageFolder'} and CIFAR-10 "
+            f"could not be downloaded there ({str(e)[:80]}). Offline? Pass any ImageFolder as --data-dir (for "
+            "CIFAR-10 as JPEGs: the folder holding the 10 class folders)"
         ) from None
 
 
@@ -236,7 +241,7 @@ def build_cache(path, data, batch_size):
     shape = (2, len(data.images), 1 + grid**2, data.encoder.dim)
     store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
     size_gb = 2 * np.prod(shape) / 1e9  # both flips, float16
-    for i in tqdm(range(0, shape[1], batch_size), desc=f"feature cache {path[:-8]} ({size_gb:.2f} GB)"):
+    for i in tqdm(range(0, shape[1], batch_size), desc=f"feature cache ({size_gb:.2f} GB in {os.path.dirname(path)})"):
         u8 = data.images[i : i + batch_size]
         for flip in (0, 1):
             cls, patches = data.encoder(mirror(u8, torch.full((len(u8),), flip, device=u8.device)))
