@@ -525,22 +525,32 @@ def report(out, runs, methods, seeds, judge):
     lines += [f"| minus {base} (of {len(seeds)} seeds) | " + " | ".join(cells) + " |"]
     lines += [
         "",
-        f"Held-out image loss per t bin at step {step}: difference to {base} in %, mean over seeds (lower in)",
+        f"Held-out image loss per t bin at step {step}: {base}'s (mean over seeds); the others' difference to it in %, "
+        "mean over seeds (in how many seeds lower)",
     ]
     lines += ["", "| t | " + " | ".join(methods) + " |", "|---" * (1 + len(methods)) + "|"]
     for b, t in enumerate(runs[base, seeds[0]]["bin_t"]):
-        cells = [f"{np.mean([d[b] for d in bins[m]]):+.1f}% ({sum(d[b] < 0 for d in bins[m])})" for m in methods]
+        cells = [f"{np.mean([runs[base, s]['bin_denoise'][b] for s in seeds]):.4f}"]
+        cells += [f"{np.mean([d[b] for d in bins[m]]):+.1f}% ({sum(d[b] < 0 for d in bins[m])})" for m in others]
         lines += [f"| {t:.2f} | " + " | ".join(cells) + " |"]
+    for m in [m for m in methods if "token_consistency" in runs[m, seeds[0]]]:  # how far the token got
+        consistency = np.mean([runs[m, s]["token_consistency"] for s in seeds])
+        held_out = np.mean([runs[m, s]["bin_denoise_cls"] for s in seeds], axis=0)
+        lines += [
+            "",
+            f"{m}'s generated token: consistency {consistency:.3f} (its cosine with the encoder's token of the"
+            f" image it came with); held-out token loss per t bin {' '.join(f'{v:.2f}' for v in held_out)}",
+        ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
-    draw_comparison(os.path.join(out, "compare.png"), runs, methods, seeds, diff, bins, base, judge)
+    draw_comparison(os.path.join(out, "compare.png"), runs, methods, seeds, bins, base, judge)
     print(text + f"comparison: {out}/compare.md, {out}/compare.png")
 
 
-def draw_comparison(png, runs, methods, seeds, diff, bins, base, judge):
-    """Two panels, a colour per method and a marker per seed: FD minus the baseline's, seed by seed; and the held-out
-    image loss per t bin in % of the baseline's."""
+def draw_comparison(png, runs, methods, seeds, bins, base, judge):
+    """Two panels, a colour per method and a marker per seed: each seed's last FD, the methods joined by a grey line
+    (the pairs); and each method's held-out image loss per t bin in % of the baseline's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -548,18 +558,21 @@ def draw_comparison(png, runs, methods, seeds, diff, bins, base, judge):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     markers = "osD^v<>ph*"
-    for i, m in enumerate(methods):
-        for j, s in enumerate(seeds):
+    for j, s in enumerate(seeds):
+        marker = markers[j % len(markers)]
+        fds = [runs[m, s]["fd"] for m in methods]
+        left.plot(range(len(methods)), fds, color="grey", lw=0.8, marker=marker, label=f"seed {s}")
+        for i, m in enumerate(methods):
+            left.scatter(i, fds[i], color=f"C{i}", marker=marker, zorder=3)
             label = m if j == 0 else None
-            left.scatter(i + 0.05 * j, diff[m][j], color=f"C{i}", marker=markers[j % 10], label=label)
-            right.plot(runs[m, s]["bin_t"], bins[m][j], color=f"C{i}", marker=markers[j % 10], lw=0.8, label=label)
-    left.set(title=f"FD_{judge} - {base}'s, seed by seed (markers)", ylabel="FD difference (lower is better)")
+            right.plot(runs[m, s]["bin_t"], bins[m][j], color=f"C{i}", marker=marker, lw=0.8, label=label)
+    left.set(title=f"FD_{judge} at the last evaluation, seed by seed", ylabel="FD (lower is better)")
     left.set(xticks=range(len(methods)), xticklabels=methods)
     right.set(
         title=f"held-out image loss vs {base}'s, per t bin", xlabel="t (0 data, 1 noise)", ylabel="difference (%)"
     )
+    right.axhline(0, color="grey", lw=0.8)
     for ax in (left, right):
-        ax.axhline(0, color="grey", lw=0.8)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -414,7 +414,7 @@ def test_compare_pairs_seeds_in_its_table(tmp_path, monkeypatch):
     table = (tmp_path / "compare.md").read_text()
     assert "| 0 | 10.00 | 9.00 (-1.00) |" in table and "| 1 | 11.00 | 11.50 (+0.50) |" in table
     assert "| minus sit (of 2 seeds) | - | -0.25 +- 0.75, lower in 1 |" in table
-    assert "| 0.25 | +0.0% (0) | -10.0% (2) |" in table
+    assert "| 0.25 | 1.0000 | -10.0% (2) |" in table
     assert os.path.getsize(tmp_path / "compare.png") > 1000
     arms.clear()
     stop_in_third = True
