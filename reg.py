@@ -162,11 +162,11 @@ class SiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Modulated LayerNorm, then one head per kind of token: patches -> p*p*C velocities, the REG token -> E velocities."""
 
-    def __init__(self, dim, patch, channels, token_dim=None):
+    def __init__(self, dim, patch, channels, token_width=None):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch * patch * channels)
-        self.linear_cls = nn.Linear(dim, token_dim) if token_dim else None  # [REG] the token's velocity head
+        self.linear_cls = nn.Linear(dim, token_width) if token_width else None  # [REG] the token's velocity head
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, h, cond):  # h (B, N, D), cond (B, D)
@@ -251,8 +251,8 @@ class SiT(nn.Module):
             self.register_buffer("token_mean", torch.zeros(E))  # [ours] (E,) set by set_token_basis
             self.register_buffer("token_basis", torch.zeros(E, cfg.token_dim))  # [ours] (E, K) orthonormal columns
             self.register_load_state_dict_post_hook(basis_loaded)  # [ours] loaded weights bring their basis
-        token_dim = cfg.token_width if cfg.entangled else None  # [REG]
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_dim)  # [REG] both heads
+        token_width = cfg.token_width if cfg.entangled else None  # [REG]
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_width)  # [REG] both heads
         self.initialize_weights()
         if cfg.entangled and cfg.token_width > D:  # [ours]
             warnings.warn(  # [ours]
@@ -263,10 +263,9 @@ class SiT(nn.Module):
                 stacklevel=2,
             )
 
-    def token_of(self, feats):  # [REG]
-        """The token this model denoises (B, K or E): the encoder's class token, on its top-K directions with token_dim."""
-        enc_cls, _ = feats  # [REG] (B, E), the patch tokens unused
-        return self.project_token(enc_cls)  # [REG]
+    def token_of(self, feats):  # [ours]
+        """The token this model denoises (B, K or E) from feats: the class token, projected (project_token)."""
+        return self.project_token(feats[0])  # [ours]
 
     def project_token(self, cls):  # [ours]
         """An encoder token (B, E) -> the token this model denoises: (cls - mean) @ basis (B, K) with token_dim, in fp32
@@ -603,7 +602,8 @@ def reg_loss(
     v = d_alpha.view(B, 1, 1, 1) * x + d_sigma.view(B, 1, 1, 1) * eps  # (B, C, H, W)
     cls_t = None  # [REG]
     if cfg.entangled:  # [REG]
-        cls = net.token_of(feats).detach()  # [REG] (B, E)
+        cls = feats[0].detach()  # [REG] the encoder's class token (B, E)
+        cls = net.project_token(cls)  # [ours] on its top-K directions with token_dim (B, K)
         eps_cls = torch.randn_like(cls) if eps_cls is None else eps_cls  # [REG] its own noise, the same t
         cls_t = alpha[:, None] * cls + sigma[:, None] * eps_cls  # [REG] (B, E)
         v_cls = d_alpha[:, None] * cls + d_sigma[:, None] * eps_cls  # [REG] (B, E)

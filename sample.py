@@ -103,7 +103,7 @@ def generate(model, vae, encoder, indices, args, device):
         finite = bool(x.isfinite().all())
         check(finite, f"samples that are not finite (--cfg-scale {args.cfg_scale}?): lower the scales")
         if encoder is not None:
-            real = model.token_of(encoder(x.float().clamp(-1, 1)))  # [REG] (B, E)
+            real = model.token_of(encoder(x.float().clamp(-1, 1)))  # (B, K or E)
             cosines.append(torch.cosine_similarity(real.float(), cls.float(), dim=-1).cpu())  # [REG] (B,)
         levels = (255 * ((x.float().clamp(-1, 1) + 1) / 2)).round()  # to the nearest of 8 bits' levels
         images.append(levels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)

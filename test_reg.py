@@ -231,8 +231,8 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.cfg, self.x, self.c, self.z = cfg, x, c, z
 
-    def token_of(self, feats):
-        return feats[0]
+    def project_token(self, cls):
+        return cls
 
     def forward(self, x_t, t, y, c_t):
         bt = t.view(-1, 1, 1, 1)
@@ -258,8 +258,8 @@ class CosineOracle(torch.nn.Module):
         super().__init__()
         self.cfg, self.x, self.c = cfg, x, c
 
-    def token_of(self, feats):
-        return feats[0]
+    def project_token(self, cls):
+        return cls
 
     def forward(self, x_t, t, y, c_t):
         alpha, sigma, d_alpha, d_sigma = reg.interpolant(t, "cosine")  # 4 x (B,)

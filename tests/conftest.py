@@ -3,10 +3,13 @@ that device; the default is the CPU. The tests use tiny models, for which a seco
 synchronisation (up to 20-70x slower on a busy 2-core machine)."""
 
 import collections
+import copy
+import functools
 import os
 import subprocess
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,3 +120,34 @@ def count_host_reads():
     reads = collections.Counter()
     with HostReads(reads), ListReads(reads):
         yield reads
+
+
+def keep_after_step(optimizer_step, seen, snapshots, *args, **kwargs):
+    """reg.optimizer_step that keeps a copy of `seen` (the reads or waits so far) after each step."""
+    out = optimizer_step(*args, **kwargs)
+    snapshots.append(copy.copy(seen))
+    return out
+
+
+def snapshots_after_each_step(monkeypatch, seen):
+    """Patch reg.optimizer_step to copy `seen` after each training step; -> the list the copies go to."""
+    import reg
+
+    snapshots = []
+    monkeypatch.setattr(reg, "optimizer_step", functools.partial(keep_after_step, reg.optimizer_step, seen, snapshots))
+    return snapshots
+
+
+def cuda_waits_in_step_2(monkeypatch, run):
+    """The waits for the GPU that CUDA's sync debug mode reports in training step 2 of `run()` (a 3-step run that logs
+    only at step 3): between the end of step 1 and the end of step 2."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            snapshots = snapshots_after_each_step(monkeypatch, caught)
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
+    return [w for w in waits if "synchroniz" in w]

@@ -1,6 +1,5 @@
 """Tests of train_cifar.py on a tiny generated ImageFolder with randomly initialised real timm encoders (CPU, offline)."""
 
-import copy
 import functools
 import json
 import os
@@ -9,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +19,7 @@ from PIL import Image
 
 import reg
 import train_cifar
-from tests.conftest import count_host_reads, lock_held_elsewhere
+from tests.conftest import count_host_reads, cuda_waits_in_step_2, lock_held_elsewhere, snapshots_after_each_step
 
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
 ENC = ["--encoder", "vit_small_patch14_dinov2.lvd142m", "--encoder-weights", "random"]
@@ -533,21 +531,12 @@ def test_kill_9_then_the_same_command_continues_exactly(data, tmp_path):
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
-def snapshot_after_each_step(optimizer_step, seen, snapshots, *args, **kwargs):
-    """reg.optimizer_step that keeps a copy of `seen` (the reads or waits so far) after each step."""
-    out = optimizer_step(*args, **kwargs)
-    snapshots.append(copy.copy(seen))
-    return out
-
-
 def test_a_training_step_reads_nothing_from_the_device(data, tmp_path, monkeypatch):
     """Between log steps a training step (batch, live encoder, loss, backward, clip, AdamW, EMA) reads no tensor value
     to the host, so on a GPU the host runs ahead (counted by a dispatch mode: conftest.count_host_reads). Step 2
     neither logs nor saves. On a CPU, PyTorch's unfused AdamW reads its step counters (a GPU run uses the fused one)."""
-    snapshots = []
     with count_host_reads() as reads:
-        step = functools.partial(snapshot_after_each_step, reg.optimizer_step, reads, snapshots)
-        monkeypatch.setattr(reg, "optimizer_step", step)
+        snapshots = snapshots_after_each_step(monkeypatch, reads)
         train_cifar.main(args(data, tmp_path / "run", "--steps", "3", "--log-every", "3"))
     step_2 = snapshots[1] - snapshots[0]
     assert [where for where in step_2 if DEVICE != "cpu" or "optimizer_step" not in where] == []
@@ -558,19 +547,9 @@ def test_a_training_step_reads_nothing_from_the_device(data, tmp_path, monkeypat
 def test_a_training_step_never_waits_for_the_gpu(data, tmp_path, monkeypatch, cached):
     """pytest --device cuda: CUDA's sync debug mode reports no wait in step 2 (the batch, the encoder or the cache on
     the GPU, forward, backward, clip, AdamW, EMA)."""
-    snapshots = []
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step = functools.partial(snapshot_after_each_step, reg.optimizer_step, caught, snapshots)
-            monkeypatch.setattr(reg, "optimizer_step", step)
-            cache = ["--cache-features"] if cached else []
-            train_cifar.main(args(data, tmp_path / "run", "--steps", "3", "--log-every", "3", *cache))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
-    assert [w for w in waits if "synchroniz" in w] == []
+    cache = ["--cache-features"] if cached else []
+    run = functools.partial(train_cifar.main, args(data, tmp_path / "run", "--steps", "3", "--log-every", "3", *cache))
+    assert cuda_waits_in_step_2(monkeypatch, run) == []
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the memory check is the CPU's (a GPU's own error says out of memory)")

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for the hub
 diffusers = pytest.importorskip("diffusers")
 import reg  # noqa: E402
 import train_imagenet as ti  # noqa: E402
-from tests.conftest import count_host_reads, lock_held_elsewhere  # noqa: E402
+from tests.conftest import count_host_reads, cuda_waits_in_step_2, lock_held_elsewhere, snapshots_after_each_step  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:the REG token is 384 wide")  # SiT-Ti is narrower than DINOv2-S
 ENCODER = "vit_small_patch14_dinov2.lvd142m"
@@ -85,13 +84,6 @@ def overflow_in_step_2(reg_loss, calls, *args, **kwargs):
 
 def no_encoder(*args, **kwargs):
     raise AssertionError("plain SiT loaded an encoder")
-
-
-def snapshot_after_each_step(optimizer_step, seen, snapshots, *args, **kwargs):
-    """reg.optimizer_step that keeps a copy of `seen` (the reads or waits so far) after each step."""
-    out = optimizer_step(*args, **kwargs)
-    snapshots.append(copy.copy(seen))
-    return out
 
 
 def signal_in_save(save, signum, *args, **kwargs):
@@ -501,10 +493,8 @@ def test_a_training_step_reads_nothing_from_the_device(root, tmp_path, monkeypat
     """Between log steps a training step reads no tensor value to the host, so on a GPU the host never waits for the
     device and runs ahead (counted on the CPU by a dispatch mode: conftest.count_host_reads). Steps 1 and 2 do not
     log; step 3 logs and saves (those reads are allowed)."""
-    snapshots = []
     with count_host_reads() as reads:
-        step = functools.partial(snapshot_after_each_step, reg.optimizer_step, reads, snapshots)
-        monkeypatch.setattr(reg, "optimizer_step", step)
+        snapshots = snapshots_after_each_step(monkeypatch, reads)
         train(root / "prep", tmp_path, "--steps", "3", "--log-every", "3", "--precision", "fp16")
     assert snapshots[1] - snapshots[0] == collections.Counter()  # step 2, whole: data, forward, backward, AdamW, EMA
     assert reads - snapshots[1], "the log step's reads were not seen: is the counter working?"
@@ -515,18 +505,10 @@ def test_a_training_step_reads_nothing_from_the_device(root, tmp_path, monkeypat
 def test_a_training_step_never_waits_for_the_gpu(root, tmp_path, monkeypatch, precision):
     """pytest --device cuda: CUDA's sync debug mode reports no wait between the end of step 1 and the end of step 2
     (data, copies to the GPU, forward, backward, clip, AdamW, EMA), with the GradScaler of fp16 too."""
-    snapshots = []
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step = functools.partial(snapshot_after_each_step, reg.optimizer_step, caught, snapshots)
-            monkeypatch.setattr(reg, "optimizer_step", step)
-            train(root / "prep", tmp_path, "--steps", "3", "--log-every", "3", "--precision", precision)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
-    assert [w for w in waits if "synchroniz" in w] == []
+    run = functools.partial(
+        train, root / "prep", tmp_path, "--steps", "3", "--log-every", "3", "--precision", precision
+    )
+    assert cuda_waits_in_step_2(monkeypatch, run) == []
 
 
 def test_a_killed_run_leaves_no_trace(root, tmp_path):
