@@ -255,17 +255,8 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels, token_width)  # [REG] both heads
         self.initialize_weights()
         if cfg.entangled and cfg.token_width > D:  # [ours]
-            warnings.warn(  # [ours]
-                f"the REG token is {cfg.token_width} wide but the model only {D}: at most {D} of its directions pass "
-                "through the model, so its velocity cannot be learned. Use a wider model or a narrower encoder (the "
-                f"scripts' --model, --encoder), or token_dim <= {D}: the token on its top principal directions "
-                "(train_cifar.py --token-dim)",
-                stacklevel=2,
-            )
-
-    def token_of(self, feats):  # [ours]
-        """The token this model denoises (B, K or E) from feats: the class token, projected (project_token)."""
-        return self.project_token(feats[0])  # [ours]
+            why = f"REG token {cfg.token_width} wide, model {D}: its velocity cannot be learned"  # [ours]
+            warnings.warn(f"{why}. Use a wider --model or token_dim <= {D} (--token-dim)", stacklevel=2)  # [ours]
 
     def project_token(self, cls):  # [ours]
         """An encoder token (B, E) -> the token this model denoises: (cls - mean) @ basis (B, K) with token_dim, in fp32
@@ -424,11 +415,8 @@ ENCODERS = {
 
 
 class FrozenEncoder(nn.Module):
-    """A frozen timm model that maps images (uint8 or [-1, 1]) to feats = (class token (B, E), patches (B, grid^2, E)).
-    Float images are read as [-1, 1]: beyond it (0..255 floats) they are refused where they live on the CPU; on a GPU
-    nothing is read (that would wait for the device: pass uint8 there). ToTensor's [0, 1] looks like a bright [-1, 1]
-    image, a valid input, so it is not refused: pass images * 2 - 1.
-    A ViT sees images resized so that its patch grid is the SiT grid; a CNN `size` px (default: its own), its map
+    """A frozen timm model that maps uint8 images (as read from files: no value range to guess) to feats = (class token
+    (B, E), patches (B, grid^2, E)). A ViT sees images resized so that its patch grid is the SiT grid; a CNN `size` px (default: its own), its map
     resampled to the grid and its pooled vector playing the class token. Patches are in row-major grid order, as the
     SiT's tokens: an own feature map (B, E, g, g) fits as rearrange(f, "b e h w -> b (h w) e")."""
 
@@ -454,15 +442,14 @@ class FrozenEncoder(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images):  # images (B, 3, H, W), uint8 or [-1, 1]
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"the encoder takes RGB images (B, 3, H, W), got {tuple(images.shape)}")
-        if images.dtype == torch.uint8:
-            x = images.float() / 255  # (B, 3, H, W) in [0, 1]
-        else:
-            x = (images.float() + 1) / 2  # (B, 3, H, W) from [-1, 1]
-        if images.is_floating_point() and images.device.type == "cpu" and (x - 0.5).abs().amax() > 0.505:
-            raise ValueError("float images must lie in [-1, 1] (or be uint8): for 0..255 pass images.to(torch.uint8)")
+    def forward(self, images):  # images (B, 3, H, W) uint8
+        if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            got = f"{images.dtype} {tuple(images.shape)}"
+            raise ValueError(
+                f"the encoder takes uint8 RGB images (B, 3, H, W), got {got}: from [-1, 1] pass "
+                "(x * 127.5 + 127.5).round().to(torch.uint8)"
+            )
+        x = images.float() / 255  # (B, 3, H, W) in [0, 1]
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
@@ -486,8 +473,6 @@ def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--e
     arch = ENCODERS.get(name, name)
     if not timm.is_model(arch):
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(ENCODERS)} or a timm model name")
-    if not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"the SiT token grid must be a positive integer, got {grid!r}")
     local_file = weights not in (None, "random")
     if local_file and not os.path.isfile(weights):
         raise ValueError(f"encoder weights file {weights!r} does not exist")
@@ -545,17 +530,13 @@ def principal_directions(tokens, k):  # [ours]
     return mean.float(), (basis * signs).float()  # [ours]
 
 
-# 4. Interpolant (SiT Sec. 2): x_t = alpha_t x + sigma_t eps, the same t for image and token ---------------------------
+# 4. Interpolant (SiT Sec. 2): the linear path from data to noise, the same t for image and token ---------------------
 
 
-def interpolant(t, path="linear"):
-    """t = 0 data, t = 1 noise -> (alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt)."""
-    if path == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path == "cosine":
-        angle = t * math.pi / 2
-        return angle.cos(), angle.sin(), -math.pi / 2 * angle.sin(), math.pi / 2 * angle.cos()
-    raise ValueError(f"unknown path {path!r}: use 'linear' or 'cosine'")
+def interpolant(x, noise, t):
+    """The linear path (the paper's): x_t = (1 - t) x + t noise from data (t = 0) to noise (t = 1), and the velocity
+    along it, v = d x_t / dt = noise - x. t broadcasts against x: (B, 1, 1, 1) for images, (B, 1) for tokens."""
+    return (1 - t) * x + t * noise, noise - x
 
 
 # 5. Joint loss (REG Sec. 3): velocity of the image + beta x velocity of the token + lambda x alignment ----------------
@@ -568,18 +549,7 @@ def unwrap(model):
     return model
 
 
-def reg_loss(
-    model,
-    x,
-    y,
-    feats=None,
-    beta=0.03,
-    lam=0.5,
-    path="linear",
-    label_dropout=0.1,
-    t=None,
-    noise=None,
-):
+def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, label_dropout=0.1, t=None, noise=None):
     """x (B, C, H, W) clean input, y (B,) labels, feats = (class token (B, E), patch tokens (B, T, E), row-major over
     the SiT grid) of the frozen encoder; reg-noalign needs only the class token: (cls, None). Returns a dict of
     scalars: loss (what to backpropagate), denoise, denoise_cls, align. `t` (B,) and `noise` = (eps, eps_cls) fix the
@@ -594,19 +564,14 @@ def reg_loss(
     B = x.shape[0]
     if t is None:
         t = torch.rand(B, device=x.device)  # (B,) uniform on [0, 1], as the paper
-    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)  # 4 x (B,)
-    alpha_x = alpha.view(B, 1, 1, 1)
-    sigma_x = sigma.view(B, 1, 1, 1)
     eps, eps_cls = noise or (torch.randn_like(x), None)  # (B, C, H, W)
-    x_t = alpha_x * x + sigma_x * eps  # (B, C, H, W)
-    v = d_alpha.view(B, 1, 1, 1) * x + d_sigma.view(B, 1, 1, 1) * eps  # (B, C, H, W)
+    x_t, v = interpolant(x, eps, t.view(B, 1, 1, 1))  # (B, C, H, W) each
     cls_t = None  # [REG]
     if cfg.entangled:  # [REG]
         cls = feats[0].detach()  # [REG] the encoder's class token (B, E)
         cls = net.project_token(cls)  # [ours] on its top-K directions with token_dim (B, K)
         eps_cls = torch.randn_like(cls) if eps_cls is None else eps_cls  # [REG] its own noise, the same t
-        cls_t = alpha[:, None] * cls + sigma[:, None] * eps_cls  # [REG] (B, E)
-        v_cls = d_alpha[:, None] * cls + d_sigma[:, None] * eps_cls  # [REG] (B, E)
+        cls_t, v_cls = interpolant(cls, eps_cls, t[:, None])  # [REG] (B, E) each, the same path
     drop = torch.rand(B, device=y.device) < label_dropout
     y = torch.where(drop, cfg.num_classes, y)  # CFG: drop labels to the null label
     v_hat, v_cls_hat, z_hat = model(x_t, t, y, cls_t)
@@ -649,20 +614,15 @@ def ema_update(ema, model, decay=0.9999):
 # 6. Samplers (SiT Sec. 2; REG Sec. 3): one loop moves the pair (x, cls) from t = 1 to t = 0 ---------------------------
 
 
-def score_from_velocity(v, x_t, t, path="linear"):
-    """The score grad log p_t(x_t) that a velocity implies (SiT Sec. 2; REPA's get_score_from_velocity):
-    x_t = alpha x + sigma eps and v = d_alpha x + d_sigma eps give  score = (alpha / d_alpha v - x_t) / var."""
-    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)
-    ratio = alpha / d_alpha
-    variance = sigma**2 - ratio * d_sigma * sigma
-    return (ratio * v - x_t) / variance
+def score_from_velocity(v, x_t, t):
+    """The score grad log p_t(x_t) = -noise / t that a velocity implies (SiT Sec. 2; REPA's get_score_from_velocity):
+    x_t = (1 - t) x + t noise and v = noise - x give noise = x_t + (1 - t) v."""
+    return ((t - 1) * v - x_t) / t
 
 
-def clean_estimate(v, x_t, t, path="linear"):
-    """The model's estimate of the clean input at time t: solve x_t = alpha x + sigma eps, v = d_alpha x + d_sigma eps
-    for x (linear path: x = x_t - t v)."""
-    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)
-    return (d_sigma * x_t - sigma * v) / (d_sigma * alpha - sigma * d_alpha)
+def clean_estimate(v, x_t, t):
+    """The model's estimate of the clean input at time t: x_t = (1 - t) x + t noise and v = noise - x give x."""
+    return x_t - t * v
 
 
 def guided_velocity(model, x, cls, t, y, null_label, cfg_scale, cls_cfg_scale, guide, dtype):
@@ -678,11 +638,9 @@ def guided_velocity(model, x, cls, t, y, null_label, cfg_scale, cls_cfg_scale, g
     t_dtype = torch.promote_types(dtype, torch.float32)  # t never rounded to bf16 (~0.004 near t = 1)
     t_batch = t.to(t_dtype).expand(len(y))  # (B,) or (2B,)
     cls_in = cls.to(dtype) if has_token else None  # [REG]
-    out = model(x.to(dtype), t_batch, y, cls_in)
-    if not isinstance(out, (tuple, list)) or len(out) < 2:
-        raise TypeError(f"the model must return a tuple (v, v_cls, ...) (v_cls None without a token), got {type(out)}")
-    v = out[0].to(x.dtype)  # (B or 2B, C, H, W)
-    v_cls = out[1].to(cls.dtype) if has_token else torch.zeros_like(cls)  # [REG] (B or 2B, E)
+    v, v_cls, *_ = model(x.to(dtype), t_batch, y, cls_in)  # (B or 2B, C, H, W), [REG] (B or 2B, E) or None
+    v = v.to(x.dtype)
+    v_cls = v_cls.to(cls.dtype) if has_token else torch.zeros_like(cls)  # [REG]
     if not guide:
         return v, v_cls
     v_cond, v_uncond = v.chunk(2)
@@ -693,10 +651,10 @@ def guided_velocity(model, x, cls, t, y, null_label, cfg_scale, cls_cfg_scale, g
 
 
 def sampling_times(steps, mode):
-    """The time grid: the ODEs run linspace(1, 0, steps + 1); the SDE linspace(1, 0.04, steps), then one last step to 0
+    """The time grid: the ODE runs linspace(1, 0, steps + 1); the SDE linspace(1, 0.04, steps), then one last step to 0
     (the release's sampler; the score is singular at t = 0)."""
-    if mode not in ("sde", "euler", "heun") or steps < 1:
-        raise ValueError(f"sampler mode must be 'sde', 'euler' or 'heun' and steps >= 1, got {mode!r}, {steps}")
+    if mode not in ("sde", "euler") or steps < 1:
+        raise ValueError(f"sampler mode must be 'sde' or 'euler' and steps >= 1, got {mode!r}, {steps}")
     if mode == "sde":
         return torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -739,13 +697,12 @@ def sample(
     cls_cfg_scale=None,
     interval=(0.0, 1.0),
     null_label=None,
-    path="linear",
     state_dtype=None,
     noise=torch.randn_like,
     trace=None,
 ):
     """x (B, C, H, W) and cls (B, E) start as N(0, I) at t = 1; returns (x, cls) at t = 0 (cls None without a token).
-    mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler' / 'heun': the probability-flow
+    mode 'sde': Euler-Maruyama with diffusion w_t = 2t, so drift = v - t score; 'euler': the probability-flow
     ODE dx/dt = v. CFG where low <= t <= high (interval) and a scale differs from 1: each velocity is v_uncond + scale
     (v_cond - v_uncond), so 1 is conditional and 0 unconditional. `model`: any callable (x, t, y, cls) -> (v, v_cls,
     ...); `noise(u)` draws the SDE's noise; `trace` receives (t, clean estimate) per step. The loop never waits for the
@@ -767,26 +724,17 @@ def sample(
         t_state = times_on_device[i].to(state_dtype)
         v, v_cls = guided_velocity(model, x, cls, t_state, y, null_label, *scales, guide, dtype)
         if trace is not None:
-            trace.append((t, clean_estimate(v, x, t_state, path).to(dtype)))
+            trace.append((t, clean_estimate(v, x, t_state).to(dtype)))
         drift = v  # the ODE moves along v
         drift_cls = v_cls  # [REG]
         if mode == "sde":  # the SDE's drift: v - (w_t / 2) score, w_t = 2t
-            drift = v - t * score_from_velocity(v, x, t_state, path)
-            drift_cls = v_cls - t * score_from_velocity(v_cls, cls, t_state, path)  # [REG]
-        x_next = x + dt * drift  # Euler step
-        cls_next = cls + dt * drift_cls  # [REG] the same step for the token
+            drift = v - t * score_from_velocity(v, x, t_state)
+            drift_cls = v_cls - t * score_from_velocity(v_cls, cls, t_state)  # [REG]
+        x = x + dt * drift  # Euler step
+        cls = cls + dt * drift_cls  # [REG] the same step for the token
         if mode == "sde" and not last:  # Euler-Maruyama: + sqrt(w_t |dt|) n
-            x_next = x_next + math.sqrt(2 * t * abs(dt)) * noise(x_next)
-            cls_next = cls_next + math.sqrt(2 * t * abs(dt)) * noise(cls_next)  # [REG]
-        if mode == "heun" and not last:  # Heun: the average of the slopes at t and t_next
-            t_state_next = times_on_device[i + 1].to(state_dtype)
-            v_next, v_cls_next = guided_velocity(
-                model, x_next, cls_next, t_state_next, y, null_label, *scales, guide, dtype
-            )
-            x_next = x + dt * ((drift + v_next) / 2)
-            cls_next = cls + dt * ((drift_cls + v_cls_next) / 2)  # [REG]
-        x = x_next
-        cls = cls_next
+            x = x + math.sqrt(2 * t * abs(dt)) * noise(x)
+            cls = cls + math.sqrt(2 * t * abs(dt)) * noise(cls)  # [REG]
     return x.to(dtype), cls.to(dtype) if has_token else None
 
 
@@ -816,11 +764,7 @@ def make_model(preset="SiT-XL/2", method="reg", **overrides):
 
 def config_from_dict(stored):
     """The SiTConfig a checkpoint stores (asdict). Every field that shapes the function must be there (a default would
-    be a guess); token_dim came later and means 0 when absent. Files of an older reg.py store qk_norm: false is what
-    this file computes, true (per-head q/k LayerNorms) is refused."""
-    stored = dict(stored)
-    if stored.pop("qk_norm", False):
-        raise ValueError("this checkpoint normalises q and k (qk_norm), unlike this reg.py: use the one that wrote it")
+    be a guess); token_dim came later and means 0 when absent."""
     known = {f.name for f in fields(SiTConfig)}
     unknown = sorted(set(stored) - known)
     missing = sorted(known - set(stored) - {"token_dim"})
@@ -940,8 +884,6 @@ def save_model(path, model):
     if not path.endswith(".pt"):  # torch.load reads a .safetensors name as safetensors: a .pt under it is unreadable
         raise ValueError(f"save_model writes a .pt file: name it NAME.pt, not {os.path.basename(path)!r}")
     net = unwrap(model)
-    if not isinstance(net, SiT):
-        raise TypeError(f"save_model saves a SiT (make_model, load_model), got {type(net).__name__}")
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     config = asdict(net.cfg)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -958,15 +900,14 @@ def save_model(path, model):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename, so a kill never leaves half a checkpoint (clean_run_folder removes
-    a killed writer's temporary file), nor does a Ctrl-C; a full disk or a read-only folder is an error in words, and
-    the temporary file is removed."""
+    """Atomic: write a temporary file, then rename, so a kill or a Ctrl-C never leaves half a checkpoint
+    (clean_run_folder removes a killed writer's temporary file); a full disk or a read-only folder is an error in
+    words, and the temporary file is removed."""
     tmp = f"{path}.{os.getpid()}.tmp"  # this process's: two writers of one file never share a temporary file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with GracefulStop(hold=True):  # a Ctrl-C or SIGTERM takes effect after the write
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1150,40 +1091,27 @@ def read_log(path):
 
 class GracefulStop:
     """Ctrl-C or SIGTERM (what schedulers send before a kill): the loop finishes its step, saves and stops; a second one
-    stops at once, in one line. Use as `with GracefulStop() as stop:` and test `stop.requested` after each step.
-    GracefulStop(hold=True) only holds the signals for its block and delivers them at its end (save_checkpoint: no
-    signal cuts a write short). Python runs handlers in the main thread: elsewhere nothing is caught."""
+    stops at once, in one line. Use as `with GracefulStop() as stop:` in the main thread and test `stop.requested`
+    after each step."""
 
-    def __init__(self, hold=False):
-        self.hold = hold
-        self.held = []
+    def __init__(self):
         self.requested = False
         self.previous = {}
 
     def __enter__(self):
-        import threading  # Part B only
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
-        if self.hold:
-            self.held.append(signum)
-            return
         if self.requested:
             raise SystemExit("stopped at once: run again to continue from the last checkpoint")
         self.requested = True
-        print(
-            "\nstopping: a checkpoint after this step (run again to continue); Ctrl-C again stops at once", flush=True
-        )
+        print("\nstopping after this step's checkpoint (run again to continue); Ctrl-C again: at once", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        for sig in self.held:
-            signal.raise_signal(sig)
         return False
 
 
@@ -1199,10 +1127,7 @@ def pick_device(name=None):
     """--device default: cuda (under torchrun this process's GPU, cuda:LOCAL_RANK), then mps, then cpu."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is no device: use cpu, cuda, cuda:N or mps") from None
+    device = torch.device(name)  # a name that is no device: torch's RuntimeError lists the device types
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
     fix = "use --device cpu, or leave --device out to take the best there is"
     if not available.get(device.type, True):
@@ -1306,26 +1231,6 @@ def frechet_distance(a, b):
     return float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * cross)
 
 
-@torch.no_grad()
-def fd_stats(encoder, images, batch_size=100, cache_dir=None):
-    """Mean and covariance (float64) of a frozen encoder's class token over uint8 images (N, 3, H, W); with dinov2-l
-    this is FD_DINOv2's space (Stein et al. 2023). With `cache_dir`, kept in one file named by the key of what it
-    holds (the images' and the encoder's bytes), so it can never serve other images or another encoder."""
-    path = None
-    if cache_dir:
-        key = fingerprint(images, *encoder.state_dict().values(), encoder.size)
-        path = os.path.join(cache_dir, f"fd-stats-{key}.pt")
-    if path and os.path.isfile(path):
-        return tuple(torch.load(path, weights_only=True))
-    device = next(iter(encoder.buffers())).device
-    feats = [encoder(batch.to(device))[0].double().cpu() for batch in images.split(batch_size)]
-    feats = torch.cat(feats)  # (N, E)
-    stats = (feats.mean(0), torch.cov(feats.T))
-    if path:
-        save_checkpoint(path, list(stats))
-    return stats
-
-
 def plot_log(path, png, panels):
     """A PNG with a panel per {key: title} of `panels` over the steps of one log.jsonl, every record a point (a short run
     has few); a key whose values are lists (the loss per t bin) draws a curve per t bin. Needs matplotlib."""
@@ -1397,7 +1302,7 @@ def load_vae(name="ema", device="cpu"):
 
 
 @torch.no_grad()
-def loss_per_t_bin(model, x, y, feats=None, bins=10, seed=0, path="linear"):
+def loss_per_t_bin(model, x, y, feats=None, bins=10, seed=0):
     """The image and token velocity losses of `model` on a fixed batch at the centre of each of `bins` equal t bins
     (minRF's diagnostic): reg_loss with a fixed t, fixed noise from `seed` and no label dropout, so calls at different
     steps compare like with like. -> dict(t=[bins], denoise=[bins], denoise_cls=[bins]) (0 without a token)."""
@@ -1413,7 +1318,7 @@ def loss_per_t_bin(model, x, y, feats=None, bins=10, seed=0, path="linear"):
     result = dict(t=centres, denoise=[], denoise_cls=[])
     for centre in centres:
         t = torch.full((len(x),), centre, device=x.device)  # (B,)
-        losses = reg_loss(net, x, y, feats, path=path, label_dropout=0.0, t=t, noise=(eps, eps_cls))
+        losses = reg_loss(net, x, y, feats, label_dropout=0.0, t=t, noise=(eps, eps_cls))
         result["denoise"].append(float(losses["denoise"]))
         result["denoise_cls"].append(float(losses["denoise_cls"]))
     net.train(was_training)

@@ -20,7 +20,7 @@ from einops import rearrange
 import reg
 from tests.conftest import one_thread  # noqa: F401  (the tiny models run on one CPU thread)
 
-pytestmark = pytest.mark.filterwarnings("ignore:the REG token is .* wide but the model only")  # tiny presets
+pytestmark = pytest.mark.filterwarnings("ignore:REG token .* wide, model")  # tiny presets
 
 OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), "tests", "official_keys_sit_xl2_reg.json")
 
@@ -204,19 +204,16 @@ def test_fresh_model_predicts_exactly_zero(method):
 # --- interpolant -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["linear", "cosine"])
-def test_interpolant_endpoints_and_derivatives(path):
-    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
-    a, s, da, ds = reg.interpolant(t, path)
-    a0, s0, _, _ = reg.interpolant(torch.zeros(1, dtype=torch.float64), path)
-    a1, s1, _, _ = reg.interpolant(torch.ones(1, dtype=torch.float64), path)
-    assert (a0.item(), s0.item()) == (1.0, 0.0)  # t = 0: data
-    assert abs(a1.item()) < 1e-12 and s1.item() == 1.0  # t = 1: noise
+def test_interpolant_endpoints_and_velocity():
+    """x_t runs from the data (t = 0) to the noise (t = 1), and v is its derivative in t."""
+    x, noise = torch.randn(2, 5, 3, dtype=torch.float64)
+    t = torch.linspace(0.01, 0.99, 5, dtype=torch.float64)[:, None]  # (5, 1)
+    assert torch.equal(reg.interpolant(x, noise, torch.zeros(5, 1))[0], x)
+    assert torch.equal(reg.interpolant(x, noise, torch.ones(5, 1))[0], noise)
     h = 1e-6
-    ap, sp, _, _ = reg.interpolant(t + h, path)
-    am, sm, _, _ = reg.interpolant(t - h, path)
-    torch.testing.assert_close(da, (ap - am) / (2 * h), atol=1e-7, rtol=1e-7)
-    torch.testing.assert_close(ds, (sp - sm) / (2 * h), atol=1e-7, rtol=1e-7)
+    x_t, v = reg.interpolant(x, noise, t)
+    slope = (reg.interpolant(x, noise, t + h)[0] - reg.interpolant(x, noise, t - h)[0]) / (2 * h)
+    torch.testing.assert_close(v, slope, atol=1e-8, rtol=1e-8)
 
 
 # --- joint loss --------------------------------------------------------------------------------------------------------
@@ -247,38 +244,6 @@ def test_loss_is_zero_for_exact_predictions():
     assert out["denoise"] < 1e-8 and out["denoise_cls"] < 1e-8
     torch.testing.assert_close(out["align"], torch.tensor(-1.0))
     torch.testing.assert_close(out["loss"], torch.tensor(-0.5), atol=1e-6, rtol=0)
-
-
-class CosineOracle(torch.nn.Module):
-    """The exact targets of the cosine path, per sample, from the clean data it was given."""
-
-    basis_fitted = True
-
-    def __init__(self, cfg, x, c):
-        super().__init__()
-        self.cfg, self.x, self.c = cfg, x, c
-
-    def project_token(self, cls):
-        return cls
-
-    def forward(self, x_t, t, y, c_t):
-        alpha, sigma, d_alpha, d_sigma = reg.interpolant(t, "cosine")  # 4 x (B,)
-        eps = (x_t - alpha.view(-1, 1, 1, 1) * self.x) / sigma.view(-1, 1, 1, 1)
-        eps_c = (c_t - alpha[:, None] * self.c) / sigma[:, None]
-        v = d_alpha.view(-1, 1, 1, 1) * self.x + d_sigma.view(-1, 1, 1, 1) * eps
-        v_c = d_alpha[:, None] * self.c + d_sigma[:, None] * eps_c
-        return v, v_c, None
-
-
-def test_cosine_token_target_uses_each_samples_own_t():
-    """The release's token target on the cosine path broadcasts d_alpha_t (B, 1, 1, 1) against the (B, E) token into
-    (B, 1, B, E), comparing each token with every sample's target; ours uses each sample's own t, so exact per-sample
-    predictions give a token loss of zero."""
-    m = tiny("reg-noalign")
-    x, _, y, _, feats = inputs(m, B=4)
-    torch.manual_seed(0)
-    out = reg.reg_loss(CosineOracle(m.cfg, x, feats[0]), x, y, feats, path="cosine")
-    assert out["denoise"] < 1e-8 and out["denoise_cls"] < 1e-8
 
 
 def test_each_weight_scales_only_its_own_term():
@@ -409,7 +374,7 @@ class GaussianField:
         return v.float(), vc.float(), None
 
 
-@pytest.mark.parametrize("mode,steps", [("euler", 200), ("heun", 40), ("sde", 250)])
+@pytest.mark.parametrize("mode,steps", [("euler", 200), ("sde", 250)])
 def test_samplers_land_on_the_right_mean_and_std(mode, steps):
     torch.manual_seed(0)
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
@@ -452,19 +417,17 @@ def test_cfg_combines_cond_and_uncond_with_separate_token_scale():
 
 
 def test_score_from_velocity_is_the_gaussian_score():
-    """Data N(mu, s^2): p_t = N((1 - t) mu, (1 - t)^2 s^2 + t^2) on the linear path, so the score is closed-form; the
-    cosine path checked the same way with its own alpha and sigma."""
+    """Data N(mu, s^2): p_t = N((1 - t) mu, (1 - t)^2 s^2 + t^2) on the linear path, so the score is closed-form."""
     mu, s = 2.0, 0.5
     z = torch.linspace(-3, 3, 7, dtype=torch.float64)
-    for path in ("linear", "cosine"):
-        for t in (0.1, 0.5, 0.9):
-            tt = torch.tensor(t, dtype=torch.float64)
-            alpha, sigma, d_alpha, d_sigma = reg.interpolant(tt, path)
-            var = alpha**2 * s**2 + sigma**2
-            u = (z - alpha * mu) / var
-            v = d_alpha * (mu + alpha * s**2 * u) + d_sigma * sigma * u  # E[d_alpha x + d_sigma eps | z]
-            torch.testing.assert_close(reg.score_from_velocity(v, z, tt, path), -u)
-            torch.testing.assert_close(reg.clean_estimate(v, z, tt, path), mu + alpha * s**2 * u)
+    for t in (0.1, 0.5, 0.9):
+        tt = torch.tensor(t, dtype=torch.float64)
+        var = (1 - tt) ** 2 * s**2 + tt**2
+        u = (z - (1 - tt) * mu) / var  # minus the score
+        clean = mu + (1 - tt) * s**2 * u  # E[x | z]
+        v = tt * u - clean  # E[eps - x | z], eps = t u
+        torch.testing.assert_close(reg.score_from_velocity(v, z, tt), -u)
+        torch.testing.assert_close(reg.clean_estimate(v, z, tt), clean)
 
 
 def test_trace_records_clean_estimates_that_end_at_the_sample():
@@ -492,7 +455,7 @@ def test_cfg_scale_one_samples_like_the_unguided_sampler_and_token_only_guidance
     assert not torch.allclose(c[1], a[1])  # the token's own scale guides it, the image scale being 1
 
 
-@pytest.mark.parametrize("mode", ["sde", "euler", "heun"])
+@pytest.mark.parametrize("mode", ["sde", "euler"])
 def test_unconditional_pass_only_inside_the_guidance_interval(mode):
     field = GaussianField(torch.tensor([2.0, -1.0, 0.0]))
     y = torch.arange(4) % 2
@@ -510,7 +473,7 @@ def test_unconditional_pass_only_inside_the_guidance_interval(mode):
     for t, labels in field.calls:
         has_null = bool((labels == 2).any())
         assert labels.numel() == (8 if has_null else 4)
-        if not (0.2 <= t <= 0.5 or mode == "heun"):  # heun's second slope follows its step
+        if not 0.2 <= t <= 0.5:
             assert not has_null, f"unconditional pass at t={t}"
     assert any((labels == 2).any() for _, labels in field.calls)
 
@@ -542,7 +505,7 @@ def test_sde_grid():
 def test_sampler_returns_none_token_for_models_without_one():
     m = tiny("repa").eval()
     x, c = reg.sample(
-        m, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), steps=3, mode="heun", cfg_scale=2.0, null_label=5
+        m, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), steps=3, mode="euler", cfg_scale=2.0, null_label=5
     )
     assert c is None and x.shape == (2, 3, 8, 8)
 
@@ -562,7 +525,7 @@ def test_reg_memorises_two_images_and_generates_each_with_its_own_token():
         opt.step()
     m.eval()
     labels = torch.arange(8) % 2
-    for mode in ("euler", "heun", "sde"):
+    for mode in ("euler", "sde"):
         torch.manual_seed(1)
         img, tok = reg.sample(m, torch.randn(8, 3, 8, 8), labels, torch.randn(8, 24), steps=50, mode=mode, null_label=5)
         err = ((img[:, None] - x[None]) ** 2).mean((2, 3, 4))  # (8 samples, 2 training images)
@@ -584,13 +547,11 @@ def test_vit_encoder_drops_prefix_and_register_tokens_on_the_sit_grid():
     full = enc.net.forward_features(x)  # (B, 1 + 4 registers + 4, E), after norm
     torch.testing.assert_close(cls, full[:, 0])
     torch.testing.assert_close(patches, full[:, 5:])
-    cls2, patches2 = enc(img.float() / 127.5 - 1)  # [-1, 1] input, same images
-    torch.testing.assert_close(cls2, cls, atol=1e-4, rtol=1e-4)
 
 
 def test_cnn_encoder_gives_pooled_vector_and_map_on_the_grid():
     enc = reg.load_encoder("tf_efficientnet_lite0", grid=3, weights="random")
-    cls, patches = enc(torch.rand(2, 3, 32, 32) * 2 - 1)
+    cls, patches = enc(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert cls.shape == (2, 1280) and patches.shape == (2, 9, 1280)
 
 
@@ -660,8 +621,6 @@ def test_bad_inputs_raise_value_errors_that_name_the_problem():
         reg.reg_loss(m, x, y, None)
     with pytest.raises(ValueError, match="unknown encoder"):
         reg.load_encoder("dinov3-b", grid=4, weights="random")
-    with pytest.raises(ValueError, match="grid must be a positive integer"):
-        reg.load_encoder("dinov2-s", grid=0, weights="random")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         reg.make_model("SiT-B/4", input_size=30)
     with pytest.raises(ValueError, match="sampler mode"):
@@ -971,16 +930,13 @@ def test_guiding_the_velocity_equals_guiding_the_sde_drift():
 
 
 def test_checkpoints_of_an_older_reg_py_still_load_and_resume(tmp_path):
-    """Files of an older reg.py store qk_norm (false: loads; true: refused in words) and lack token_dim (0); a field
-    this reg.py does not know is refused."""
+    """Files of an older reg.py lack token_dim (0); a field this reg.py does not know is refused."""
     m = randomize(tiny()).train()
     ema = copy.deepcopy(m).requires_grad_(False)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    old = dict(reg.asdict(m.cfg), qk_norm=False)
+    old = reg.asdict(m.cfg)
     del old["token_dim"]  # added later: absent means 0
     assert reg.config_from_dict(old) == m.cfg
-    with pytest.raises(ValueError, match=r"normalises q and k \(qk_norm\)"):
-        reg.config_from_dict(dict(old, qk_norm=True))
     with pytest.raises(ValueError, match=r"unknown fields \['future_field'\]"):
         reg.config_from_dict(dict(old, future_field=1))
     no_heads = dict(old)
@@ -1037,14 +993,6 @@ def test_the_readmes_copy_paragraph_runs(tmp_path, monkeypatch):
     exec(code, scope)
     assert scope["samples"].shape == (4, 3, 16, 16) and scope["tokens"].shape == (4, 64)
     assert scope["ema"].cfg == scope["model"].cfg and len(list(tmp_path.glob("ema.*"))) == 1  # saved
-
-
-def test_sampler_refuses_a_model_that_returns_a_bare_tensor():
-    def bare(x, t, y, cls):
-        return torch.zeros_like(x)
-
-    with pytest.raises(TypeError, match=r"must return a tuple \(v, v_cls"):
-        reg.sample(bare, torch.randn(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), steps=2, mode="euler")
 
 
 def test_sampler_derives_the_null_label_and_takes_y_none():
@@ -1109,15 +1057,12 @@ def test_a_head_count_is_never_guessed():
         reg.config_from_state_dict(model.state_dict())
 
 
-def test_encoder_takes_bright_images_refuses_0_255_floats_stays_frozen_and_takes_its_input_size():
+def test_encoder_takes_uint8_images_only_stays_frozen_and_takes_its_input_size():
+    """uint8, as read from files: a float image's range ([-1, 1], [0, 1] or 0..255) would be a guess."""
     enc = reg.load_encoder("tf_efficientnet_lite0", grid=2, weights="random", size=32)
     assert enc.size == 32
-    bright = torch.rand(1, 3, 16, 16)  # a valid [-1, 1] image whose pixels are all >= 0
-    torch.testing.assert_close(
-        enc(bright)[0], enc((bright * 127.5 + 127.5).round().to(torch.uint8))[0], atol=0.05, rtol=0
-    )
-    with pytest.raises(ValueError, match=r"\[-1, 1\].*for 0\.\.255 pass images.to\(torch.uint8\)"):
-        enc(torch.rand(2, 3, 16, 16) * 255)  # 0..255 floats
+    with pytest.raises(ValueError, match=r"uint8 RGB images.*got torch.float32.*\.round\(\)\.to\(torch.uint8\)"):
+        enc(torch.rand(2, 3, 16, 16) * 2 - 1)
     torch.nn.Sequential(enc).train()  # a parent module asks for training mode
     assert not enc.training and not any(m.training for m in enc.modules())  # BatchNorm statistics stay fixed
 
@@ -1144,7 +1089,7 @@ def test_unwrap_sees_through_ddp_of_a_compiled_model():
 
 
 def test_a_token_wider_than_the_model_warns_once_in_words():
-    with pytest.warns(UserWarning, match=r"REG token is 1280 wide but the model only 128.*token_dim <= 128"):
+    with pytest.warns(UserWarning, match=r"REG token 1280 wide, model 128.*token_dim <= 128"):
         reg.make_model("SiT-Ti/4", "reg", input_size=16, in_channels=3, encoder_dim=1280)
 
 
@@ -1156,7 +1101,7 @@ def test_token_basis_is_orthonormal_ordered_by_variance_and_stored(tmp_path):
     model.set_token_basis(tokens)
     basis = model.token_basis
     torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
-    projected = model.token_of((tokens, None))  # (N, 3)
+    projected = model.project_token(tokens)  # (N, 3)
     variances = projected.var(0)
     assert variances[0] > variances[1] > variances[2] and variances[0] == pytest.approx(25, rel=0.15)
     torch.testing.assert_close(projected.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
@@ -1179,7 +1124,7 @@ def test_token_projection_stays_fp32_under_a_bf16_autocast():
 
 
 def test_pick_device_names_the_fix():
-    with pytest.raises(ValueError, match="'banana' is no device: use cpu"):
+    with pytest.raises(RuntimeError, match="Expected one of cpu, cuda.*: banana"):
         reg.pick_device("banana")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
@@ -1197,7 +1142,7 @@ def syncs_while_sampling(m, x, y, cls, steps):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out, _ = reg.sample(m, x, y, cls, steps=steps, mode="heun", cfg_scale=2.0)
+            out, _ = reg.sample(m, x, y, cls, steps=steps, mode="sde", cfg_scale=2.0)
     finally:
         if DEVICE.startswith("cuda"):
             torch.cuda.set_sync_debug_mode(0)
@@ -1328,8 +1273,6 @@ def test_configs_saves_and_loads_refuse_what_is_not_theirs(tmp_path):
         reg.make_model("SiT-Ti/2", depth=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'widht'"):
         reg.make_model("SiT-Ti/2", widht=3)
-    with pytest.raises(TypeError, match="save_model saves a SiT.*got Linear"):
-        reg.save_model(tmp_path / "m.pt", torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="save_model writes a .pt file: name it NAME.pt, not 'm.safetensors'"):
         reg.save_model(tmp_path / "m.safetensors", tiny())
     path = reg.save_model(tmp_path / "m.pt", tiny())  # a pathlib.Path works

@@ -327,7 +327,7 @@ def train(args):
                 reg.add_to(sums, dict(losses, grad_norm=grad_norm, skipped=skipped), 1.0)
                 step += 1
                 if step == started[0] + FORECAST_STEP:
-                    forecast(args, step, started, device)
+                    forecast(args, step, started)
                 if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                     logged = reg.log_interval(out, step, sums, logged, args.batch_size, flops_per_image, device)
                 if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
@@ -391,27 +391,27 @@ def build(args, data, device):
     return model, ema, opt, scaler
 
 
-def forecast(args, step, started, device):
-    """After this process's first steps: how long the steps left take here; on a CPU with hours to go, the CPU recipe.
-    `started` = (step, time) when the loop began."""
+def forecast(args, step, started):
+    """After this process's first steps: how long the steps left take here. `started` = (step, time) when the loop
+    began."""
     seconds = (time.perf_counter() - started[1]) / (step - started[0])  # a step
     hours = seconds * (args.steps - step) / 3600
     print(f"{seconds:.2f} s a step: the {args.steps - step} steps left take {hours:.1f} h ({hours * 60:.0f} min) here")
-    if device.type == "cpu" and hours > 1:
-        print(f"on a CPU, the CPU recipe learns within minutes: python train_cifar.py --recipe cpu (= {CPU_RECIPE})")
 
 
 # Samples, evaluation and the diagnostics ------------------------------------------------------------------------------
 
 
 def make_judge(args, data):
-    """What evaluations reuse: the FD encoder and its statistics over the training images (cached by content)."""
+    """What evaluations reuse: the FD judge (a frozen encoder: its class token, or a CNN's pooled vector, is the
+    feature; dinov2-l's is FD_DINOv2, Stein et al. 2023) and the mean and covariance of its features of the training
+    images."""
     with torch.random.fork_rng():  # 'random' weights (tests) from the seed; the training RNG untouched
         torch.manual_seed(args.seed)
         device = data.images.device
         fd_encoder = reg.load_encoder(args.fd_encoder, 16, args.fd_encoder_weights, device, "--fd-encoder-weights")
-    reference = reg.fd_stats(fd_encoder, data.images[: data.n_train], args.batch_size, args.cache_dir)
-    return fd_encoder, reference
+    feats = torch.cat([fd_encoder(part)[0].double() for part in data.images[: data.n_train].split(args.batch_size)])
+    return fd_encoder, (feats.mean(0), torch.cov(feats.T))
 
 
 def generate(args, ema, x, y, cls, trace=None):
@@ -471,7 +471,7 @@ def evaluate(args, ema, data, judge, out, step):
         record[name] = round(reg.frechet_distance((part.mean(0), torch.cov(part.T)), reference), 4)
     if ema.cfg.entangled:
         tokens = torch.cat([p[1] for p in parts]).float()
-        real = torch.cat([ema.token_of(data.encoder(part)) for part in images.split(args.batch_size)])
+        real = torch.cat([ema.project_token(data.encoder(part)[0]) for part in images.split(args.batch_size)])
         record["token_consistency"] = round(float(F.cosine_similarity(real.float(), tokens, dim=-1).mean()), 4)
     reg.log(out, **record)
     tqdm.write(
@@ -591,19 +591,14 @@ def parser():
     a("--holdout", type=reg.nonneg_int, default=256, help="images never trained on (the loss per t bin); default 256")
     a("--unconditional", action="store_true", help="every label 0 (one class); the grids show rows of samples")
     a("--model", default="SiT-B/2", choices=list(reg.PRESETS), help="default SiT-B/2 (~1 h on a GPU); CPU: SiT-Ti/4")
-    a(
-        "--method",
-        default="reg",
-        choices=list(reg.METHODS),
-        help="reg (the paper), repa, sit, or reg-noalign (REG without REPA)",
-    )
+    a("--method", default="reg", choices=list(reg.METHODS), help="reg (the paper); sit, repa, reg-noalign: baselines")
     a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight (REG Sec. 3; paper 0.03)")
     a("--lam", type=reg.nonneg_float, default=0.5, help="alignment loss weight (REG Sec. 3 / REPA; paper 0.5)")
     a("--token-dim", type=reg.nonneg_int, default=0, help="ours: K <= width, the token on its top K directions; 0: all")
     a("--encoder", default="dinov2-b", help="frozen encoder: dinov2-{s,b,l,g} or a timm name; paper dinov2-b")
     a("--encoder-weights", default=None, help="a local weights file (offline), or 'random' (tests); default: the hub")
     a("--cache-features", action="store_true", help="encode the data once (both flips, float16) and train without it")
-    a("--cache-dir", default="runs/cache", help="feature caches and FD statistics, named by content; runs/cache")
+    a("--cache-dir", default="runs/cache", help="feature caches, named by their content; runs/cache")
     a("--steps", type=reg.positive_int, default=40000, help="optimiser steps; default 40k (SiT-B/2: ~1 h, est.)")
     a("--batch-size", type=reg.positive_int, default=128, help="images per optimiser step; default 128")
     a("--lr", type=reg.positive_float, default=1e-4, help="AdamW (paper 1e-4; SiT-Ti on a CPU 1e-3); may change later")

@@ -324,14 +324,9 @@ def parser():
     a("--shard-size", type=reg.positive_int, default=10_000, help="images per shard; default 10K (2.1 GB at 256 px)")
     a = commands.add_parser("train", help="train REG with the paper's recipe on a prepared folder").add_argument
     a("--data-dir", required=True, help="a finished `prepare` folder")
-    a("--out", default="runs/imagenet", help="run folder: log.jsonl, checkpoints, sample grids; default runs/imagenet")
+    a("--out", default="runs/imagenet", help="run folder: log.jsonl and checkpoints; default runs/imagenet")
     a("--model", default="SiT-XL/2", choices=reg.PRESETS, metavar="PRESET", help="SiT-Ti/2 ... XL/8; default SiT-XL/2")
-    a(
-        "--method",
-        default="reg",
-        choices=reg.METHODS,
-        help="default reg (the paper); the baselines sit, repa; reg-noalign",
-    )
+    a("--method", default="reg", choices=reg.METHODS, help="reg (the paper; default); sit, repa, reg-noalign")
     a("--encoder", default="dinov2-b", help="frozen encoder; default dinov2-b (the paper's DINOv2-B/14)")
     a("--encoder-weights", help="a local weights file (offline), or 'random' (tests); default: the hub")
     a("--beta", type=reg.nonneg_float, default=0.03, help="token loss weight; default 0.03 (REG Sec. 3)")

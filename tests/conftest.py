@@ -29,7 +29,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     # the tiny test models are narrower than their encoders on purpose; reg.SiT's warning about it is expected there
-    config.addinivalue_line("filterwarnings", "ignore:the REG token is .* wide but the model only:UserWarning")
+    config.addinivalue_line("filterwarnings", "ignore:REG token .* wide, model:UserWarning")
     os.environ["REG_TEST_DEVICE"] = config.getoption("--device")  # read by the test modules as DEVICE
     if config.getoption("--device").startswith("cuda"):  # the tests compare runs bit for bit (resume, DDP)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts; DDP workers inherit it

@@ -325,7 +325,6 @@ def test_evaluation_logs_fd_halves_bins_and_token_consistency(tmp_path):
     assert e["bin_t"] == pytest.approx([(k + 0.5) / 10 for k in range(10)])
     assert len(e["bin_denoise"]) == len(e["bin_denoise_cls"]) == 10 and min(e["bin_denoise_cls"]) > 0
     assert -1 <= e["token_consistency"] <= 1
-    assert len(list(tmp_path.glob("fd-stats-*.pt"))) == 1
     assert os.path.getsize(out / "t_bins.png") > 1000
 
 
@@ -343,7 +342,7 @@ def test_bins_of_a_frozen_ema_are_the_fresh_models_closed_form(tmp_path):
     assert e["bin_denoise"] == pytest.approx([1 + held.pow(2).mean().item()] * 10, rel=0.1)
     assert max(e["bin_denoise"]) - min(e["bin_denoise"]) < 1e-6  # the same noise in every bin, v_hat = 0
     torch.manual_seed(parsed.seed)  # as train_cifar seeds the 'random' encoder
-    cls = reg.load_encoder(ENC[1], 4, "random")(held)[0]
+    cls = reg.load_encoder(ENC[1], 4, "random")(data.images[data.n_train :])[0]
     assert e["bin_denoise_cls"] == pytest.approx([1 + cls.pow(2).mean().item()] * 10, rel=0.1)
 
 
@@ -501,11 +500,10 @@ def test_images_are_read_by_content(tmp_path, monkeypatch):
         train_cifar.main(args(deep, tmp_path / "r2", "--steps", "1"))
 
 
-def test_forecast_points_a_cpu_user_to_the_cpu_recipe(capsys):
+def test_forecast_says_how_long_the_steps_left_take(capsys):
     settings = train_cifar.parse_args(["--steps", "40000"])
-    train_cifar.forecast(settings, 105, (100, time.perf_counter() - 30.0), torch.device("cpu"))  # resumed at 100
-    out = capsys.readouterr().out
-    assert "6.00 s a step: the 39895 steps left take 66.5 h (3990 min)" in out and "SiT-Ti/4" in out
+    train_cifar.forecast(settings, 105, (100, time.perf_counter() - 30.0))  # resumed at 100
+    assert "6.00 s a step: the 39895 steps left take 66.5 h (3990 min)" in capsys.readouterr().out
 
 
 def test_kill_9_then_the_same_command_continues_exactly(data, tmp_path):
