@@ -273,10 +273,6 @@ class SiT(nn.Module):
                 "this model has no token basis: build it with token_dim=K and a method with an encoder token"
             )
         mean, basis = principal_directions(tokens, self.cfg.token_dim)  # [ours]
-        if mean.shape != self.token_mean.shape:  # [ours]
-            raise ValueError(
-                f"tokens (N, {len(mean)}), the model's are (N, E = {self.cfg.encoder_dim}): pass its encoder's"
-            )
         self.token_mean.copy_(mean)  # [ours]
         self.token_basis.copy_(basis)  # [ours]
         self.basis_fitted = True  # [ours]
@@ -497,7 +493,7 @@ def load_encoder(name="dinov2-b", grid=16, weights=None, device="cpu", flag="--e
 
 def hub_reachable(repo_id):
     """Whether timm can get a hub model's weights: they are in the Hugging Face cache, or the hub is neither switched
-    off (HF_HUB_OFFLINE) nor unknown to the name server (a proxy may know it: then it is tried)."""
+    off (HF_HUB_OFFLINE) nor unknown to the name server."""
     import huggingface_hub
 
     files = ("model.safetensors", "pytorch_model.bin")  # what timm asks the hub for, in this order
@@ -506,8 +502,6 @@ def hub_reachable(repo_id):
     switched_off = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     if switched_off or huggingface_hub.constants.HF_HUB_OFFLINE:
         return False
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return True
     try:
         socket.getaddrinfo("huggingface.co", 443)
     except OSError:
@@ -520,8 +514,6 @@ def principal_directions(tokens, k):  # [ours]
     span at most N - 1 directions with variance: fewer than k + 1 would leave directions that carry nothing."""
     if not torch.is_tensor(tokens) or tokens.dim() != 2 or not 1 <= k < len(tokens):  # [ours]
         raise ValueError(f"tokens (N, E) with N > k = {k}, got {shape_of(tokens)}: more images, or a smaller token_dim")
-    if not tokens.isfinite().all():  # [ours]
-        raise ValueError("the tokens are not all finite: check the encoder's input")
     tokens = tokens.double()  # [ours]
     mean = tokens.mean(0)  # [ours] (E,)
     variances, vectors = torch.linalg.eigh(torch.cov(tokens.T))  # [ours] ascending
@@ -662,22 +654,17 @@ def sampling_times(steps, mode):
 
 def sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, interval):
     """The sampler's inputs, checked once before its loop -> (y, cls, null_label, (cfg_scale, cls_cfg_scale)). The null
-    label is a SiT's num_classes unless given; y=None samples with it; a SiT's x, y and cls pass check_batch (any other
-    callable's are not checked); cls None becomes a token of width 0, so one loop serves models without one;
+    label is a SiT's num_classes unless given; a SiT's x, y and cls pass check_batch (any other callable's are not
+    checked); cls None becomes a token of width 0, so one loop serves models without one;
     cls_cfg_scale defaults to cfg_scale; the scales are finite, the guidance interval lies within [0, 1]."""
     net = unwrap(model)
     if null_label is None and hasattr(net, "cfg"):
         null_label = net.cfg.num_classes
-    if y is None and null_label is None:
-        raise ValueError("y=None samples with the null label, which this model does not tell: pass null_label")
-    if y is None:
-        y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
     if hasattr(net, "cfg"):
         check_batch(net, x, y, cls)
     if cls is None:
         cls = x.new_zeros(x.shape[0], 0)
-    if cls_cfg_scale is None:
-        cls_cfg_scale = cfg_scale
+    cls_cfg_scale = cfg_scale if cls_cfg_scale is None else cls_cfg_scale
     check_number("cfg_scale", cfg_scale)
     check_number("cls_cfg_scale", cls_cfg_scale)
     check_number("the guidance interval's low end", interval[0], 0, interval[1])
@@ -689,7 +676,7 @@ def sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, inte
 def sample(
     model,
     x,
-    y=None,
+    y,
     cls=None,
     steps=250,
     mode="sde",
@@ -1009,6 +996,8 @@ def log_interval(folder, step, sums, last, images_per_step, flops_per_image, dev
     loop's only sync), the grad norm over the steps fp16's scaler did not skip and their count, images/s, MFU and peak
     memory of this process. A non-finite value stops the run before any checkpoint of this step. Empties `sums`;
     -> (step, time)."""
+    from tqdm import tqdm  # Part B only
+
     steps = step - last[0]
     keys = sorted(sums)
     values = torch.stack([torch.as_tensor(sums.pop(k), device=device).float() for k in keys])
@@ -1025,7 +1014,7 @@ def log_interval(folder, step, sums, last, images_per_step, flops_per_image, dev
     check_finite(record, step, folder)
     if int(os.environ.get("RANK", 0)) == 0:
         log(folder, step=step, **record)
-        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()), flush=True)
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))  # above a progress bar
     return step, now
 
 
@@ -1068,7 +1057,6 @@ def process_exists(pid):
 
 def log(folder, **record):
     """Append one record to <folder>/log.jsonl (append-only: a resume adds a `resumed` record, see read_log)."""
-    record = {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
     with open(os.path.join(folder, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -1112,7 +1100,6 @@ class GracefulStop:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        return False
 
 
 def check_finite(record, step, folder):

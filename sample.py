@@ -97,14 +97,10 @@ def generate(model, vae, indices, args, device):
 
 
 def save_npz(path, arrays):
-    """Atomically: a kill leaves the file whole or absent, so a shard that exists is a finished one; a failed write
-    (a full disk) leaves no temporary file behind."""
-    try:
-        np.savez(path + ".tmp.npz", **arrays)
-        os.replace(path + ".tmp.npz", path)
-    finally:
-        if os.path.exists(path + ".tmp.npz"):
-            os.remove(path + ".tmp.npz")
+    """Atomically: a kill leaves the file whole or absent, so a shard that exists is a finished one (a failed write's
+    temporary file is overwritten by the next try)."""
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
 
 
 def claim_folder(out, model, args, rank):

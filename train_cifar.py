@@ -46,7 +46,6 @@ BINS = 10  # t bins of the held-out loss (minRF's diagnostic)
 STRIP_FRAMES = 8  # clean-image estimates per sampling strip, from t = 1 to the end
 PER_ROW = 8  # samples per class row of a grid
 SAMPLE_STEPS = 50  # Euler steps of the grids and FD samples, no guidance (sample.py has the paper's SDE and CFG)
-FORECAST_STEP = 5  # after this many steps, say how long the whole run takes here
 KEEP = 3  # checkpoints kept, the newest
 # a CNN encoder (no patch grid of its own) sees the images at 128 px: on CIFAR, Lite0's pooled vector is as good a
 # nearest-neighbour feature at 128 px as at its own 224 (66.4% either way), at a third of the FLOPs
@@ -230,7 +229,7 @@ def open_cache(args, data, key):
         build_cache(tmp, data, args.batch_size)
         os.replace(tmp, path)
     try:
-        return np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="c")  # copy-on-write: torch takes it as it is (nothing writes to it)
     except ValueError as e:  # truncated or damaged by something else: our writes are atomic
         raise ValueError(f"feature cache {path} is damaged ({e}): delete it and run again to rebuild it") from None
 
@@ -250,19 +249,15 @@ def build_cache(path, data, batch_size):
 
 
 def to_device_if_fits(array, device, what):
-    """A host array (a memmap) copied to a GPU in pieces through pinned memory when it fits in the free memory left,
-    with a margin; else left on the host, with one line saying so."""
+    """A host array (a memmap) copied to a GPU when it fits in the free memory left, with a margin (the memmap's pages
+    stream from the disk: no copy in the host's memory); else left on the host, with one line saying so."""
     if device.type != "cuda":
         return array
     free = torch.cuda.mem_get_info(device)[0]
     if array.nbytes > 0.8 * free:
         print(f"{what} ({array.nbytes / 2**30:.1f} GiB) stays on the host: {free / 2**30:.1f} GiB free on the GPU")
         return array
-    on_device = torch.empty(array.shape, dtype=torch.float16, device=device)
-    for i in range(0, len(array[0]), 1024):
-        piece = torch.from_numpy(np.ascontiguousarray(array[:, i : i + 1024])).pin_memory()
-        on_device[:, i : i + 1024].copy_(piece, non_blocking=True)
-    return on_device
+    return torch.from_numpy(array).to(device)
 
 
 def training_tokens(data):
@@ -315,9 +310,8 @@ def train(args):
         # Train
         sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
         logged = (step, time.perf_counter())
-        started = logged
         flops_per_image = 3 * reg.model_flops(model.cfg)  # forward + backward (2x)
-        with reg.GracefulStop() as stop:
+        with reg.GracefulStop() as stop, tqdm(total=args.steps, initial=step, unit="step") as bar:  # bar: the time left
             while step < args.steps and not stop.requested:
                 with reg.autocast(device, args.precision):
                     x, y, feats = batch_at(step, data, args)  # a live encoder runs under autocast too
@@ -326,8 +320,7 @@ def train(args):
                 grad_norm, skipped = reg.optimizer_step(model, ema, opt, scaler, 1.0, args.ema)  # clip, AdamW, EMA
                 reg.add_to(sums, dict(losses, grad_norm=grad_norm, skipped=skipped), 1.0)
                 step += 1
-                if step == started[0] + FORECAST_STEP:
-                    forecast(args, step, started)
+                bar.update()
                 if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps or stop.requested:
                     logged = reg.log_interval(out, step, sums, logged, args.batch_size, flops_per_image, device)
                 if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
@@ -377,8 +370,6 @@ def build(args, data, device):
     torch.manual_seed(args.seed)
     encoder_dim = data.encoder.dim if data.encoder else 768
     overrides = dict(input_size=data.images.shape[-1], in_channels=3, num_classes=len(data.classes))
-    if args.token_dim >= data.n_train:
-        raise ValueError(f"--token-dim {args.token_dim} needs more training images ({data.n_train}): lower it")
     model = reg.make_model(args.model, args.method, **overrides, encoder_dim=encoder_dim, token_dim=args.token_dim)
     if model.cfg.entangled and args.token_dim:  # ours: the token on its top principal directions
         model.set_token_basis(training_tokens(data))
@@ -389,14 +380,6 @@ def build(args, data, device):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts on GPUs
     torch.backends.cudnn.allow_tf32 = True
     return model, ema, opt, scaler
-
-
-def forecast(args, step, started):
-    """After this process's first steps: how long the steps left take here. `started` = (step, time) when the loop
-    began."""
-    seconds = (time.perf_counter() - started[1]) / (step - started[0])  # a step
-    hours = seconds * (args.steps - step) / 3600
-    print(f"{seconds:.2f} s a step: the {args.steps - step} steps left take {hours:.1f} h ({hours * 60:.0f} min) here")
 
 
 # Samples, evaluation and the diagnostics ------------------------------------------------------------------------------
@@ -519,15 +502,11 @@ def report(out, runs, methods, seeds, judge):
         lines += [f"| {s} | " + " | ".join(cells) + " |"]
     cells = [f"{np.mean([fd[m, s] for s in seeds]):.2f}" for m in methods]
     lines += ["| mean | " + " | ".join(cells) + " |"]
-    cells = ["-"] + [
-        f"{np.mean(diff[m]):+.2f} +- {np.std(diff[m]):.2f}, lower in {sum(d < 0 for d in diff[m])}" for m in others
-    ]
-    lines += [f"| minus {base} (of {len(seeds)} seeds) | " + " | ".join(cells) + " |"]
-    lines += [
-        "",
-        f"Held-out image loss per t bin at step {step}: {base}'s (mean over seeds); the others' difference to it in %, "
-        "mean over seeds (in how many seeds lower)",
-    ]
+    lowered = {m: sum(d < 0 for d in diff[m]) for m in others}  # in how many seeds
+    cells = [f"{np.mean(diff[m]):+.2f} +- {np.std(diff[m]):.2f}, lower in {lowered[m]}" for m in others]
+    lines += [f"| minus {base} (of {len(seeds)} seeds) | - | " + " | ".join(cells) + " |"]
+    title = f"Held-out image loss per t bin at step {step}: {base}'s; the others' difference in % (seeds where lower)"
+    lines += ["", title]
     lines += ["", "| t | " + " | ".join(methods) + " |", "|---" * (1 + len(methods)) + "|"]
     for b, t in enumerate(runs[base, seeds[0]]["bin_t"]):
         cells = [f"{np.mean([runs[base, s]['bin_denoise'][b] for s in seeds]):.4f}"]
@@ -536,11 +515,8 @@ def report(out, runs, methods, seeds, judge):
     for m in [m for m in methods if "token_consistency" in runs[m, seeds[0]]]:  # how far the token got
         consistency = np.mean([runs[m, s]["token_consistency"] for s in seeds])
         held_out = np.mean([runs[m, s]["bin_denoise_cls"] for s in seeds], axis=0)
-        lines += [
-            "",
-            f"{m}'s generated token: consistency {consistency:.3f} (its cosine with the encoder's token of the"
-            f" image it came with); held-out token loss per t bin {' '.join(f'{v:.2f}' for v in held_out)}",
-        ]
+        losses = " ".join(f"{v:.2f}" for v in held_out)
+        lines += ["", f"{m}'s token: consistency {consistency:.3f}; held-out token loss per t bin {losses}"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
@@ -568,9 +544,7 @@ def draw_comparison(png, runs, methods, seeds, bins, base, judge):
             right.plot(runs[m, s]["bin_t"], bins[m][j], color=f"C{i}", marker=marker, lw=0.8, label=label)
     left.set(title=f"FD_{judge} at the last evaluation, seed by seed", ylabel="FD (lower is better)")
     left.set(xticks=range(len(methods)), xticklabels=methods)
-    right.set(
-        title=f"held-out image loss vs {base}'s, per t bin", xlabel="t (0 data, 1 noise)", ylabel="difference (%)"
-    )
+    right.set(title=f"held-out image loss vs {base}'s", xlabel="t bin (0 data, 1 noise)", ylabel="difference (%)")
     right.axhline(0, color="grey", lw=0.8)
     for ax in (left, right):
         ax.legend(fontsize=8)

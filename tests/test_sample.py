@@ -349,13 +349,11 @@ def test_a_full_disk_an_out_under_a_file_and_ctrl_c_end_in_one_line(ckpt, tmp_pa
     monkeypatch.setattr(np, "savez", full_disk)
     with pytest.raises(SystemExit, match="sample.py: cannot write .*No space left.*free disk space"):
         run(ckpt, tmp_path / "out", *flags)
-    assert sorted(os.listdir(tmp_path / "out")) == [
-        "settings.json",
-        "shard-0000000-0000002.npz",
-        "shard-0000002-0000004.npz",
-    ]
+    shards = ["shard-0000000-0000002.npz", "shard-0000002-0000004.npz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["samples_4.npz.tmp.npz", "settings.json", *shards]
     monkeypatch.setattr(np, "savez", savez)
     assert run(ckpt, tmp_path / "out", *flags)["samples"] == 4  # space again: the same command finishes
+    assert sorted(os.listdir(tmp_path / "out")) == ["samples_4.npz", "settings.json"]  # the half file overwritten
     (tmp_path / "file").write_text("mine")
     with pytest.raises(SystemExit, match="sample.py: cannot write .*Not a directory.*writable folder as --out"):
         run(ckpt, tmp_path / "file" / "out")

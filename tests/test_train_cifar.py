@@ -453,7 +453,7 @@ def test_bad_input_gives_clear_errors(data, tmp_path, monkeypatch):
         train_cifar.main(args(tmp_path / "nothing", tmp_path / "r5", "--steps", "1"))
 
 
-# --- a token that fits, one trainer per folder, images read by content, the forecast -------------------------
+# --- a token that fits, one trainer per folder, images read by content ---------------------------------------------
 
 
 def test_token_dim_projects_the_token_and_resumes_with_the_same_directions(data, tmp_path):
@@ -498,12 +498,6 @@ def test_images_are_read_by_content(tmp_path, monkeypatch):
     (deep / "class1" / "9.jpg").write_bytes(data[: len(data) // 2])  # a truncated JPEG
     with pytest.raises(SystemExit, match="class1/9.jpg cannot be read"):
         train_cifar.main(args(deep, tmp_path / "r2", "--steps", "1"))
-
-
-def test_forecast_says_how_long_the_steps_left_take(capsys):
-    settings = train_cifar.parse_args(["--steps", "40000"])
-    train_cifar.forecast(settings, 105, (100, time.perf_counter() - 30.0))  # resumed at 100
-    assert "6.00 s a step: the 39895 steps left take 66.5 h (3990 min)" in capsys.readouterr().out
 
 
 def test_kill_9_then_the_same_command_continues_exactly(data, tmp_path):
