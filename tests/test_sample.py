@@ -1,5 +1,5 @@
 """sample.py on the CPU, offline, with tiny models: the grid and the .npz, resume, per-sample noise in closed form, the
-release's layout, the VAE, token consistency, refused folders, files and flags, labels, TF32 off.
+release's layout, the VAE, refused folders, files and flags, labels, TF32 off.
 
 Closed forms come from an untrained model: adaLN-Zero starts at v = 0, so the Euler sampler returns its start noise
 unchanged (image and token), and each sample must be exactly its own generator's draw, whatever the batching."""
