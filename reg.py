@@ -440,11 +440,8 @@ class FrozenEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images):  # images (B, 3, H, W) uint8
         if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-            got = f"{images.dtype} {tuple(images.shape)}"
-            raise ValueError(
-                f"the encoder takes uint8 RGB images (B, 3, H, W), got {got}: from [-1, 1] pass "
-                "(x * 127.5 + 127.5).round().to(torch.uint8)"
-            )
+            fix = "from [-1, 1]: (x * 127.5 + 127.5).round().to(torch.uint8)"
+            raise ValueError(f"the encoder takes uint8 (B, 3, H, W), got {images.dtype} {shape_of(images)}: {fix}")
         x = images.float() / 255  # (B, 3, H, W) in [0, 1]
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
@@ -563,7 +560,7 @@ def reg_loss(model, x, y, feats=None, beta=0.03, lam=0.5, label_dropout=0.1, t=N
         cls = feats[0].detach()  # [REG] the encoder's class token (B, E)
         cls = net.project_token(cls)  # [ours] on its top-K directions with token_dim (B, K)
         eps_cls = torch.randn_like(cls) if eps_cls is None else eps_cls  # [REG] its own noise, the same t
-        cls_t, v_cls = interpolant(cls, eps_cls, t[:, None])  # [REG] (B, E) each, the same path
+        cls_t, v_cls = interpolant(cls, eps_cls, t[:, None])  # [REG] (B, K or E) each, the same path
     drop = torch.rand(B, device=y.device) < label_dropout
     y = torch.where(drop, cfg.num_classes, y)  # CFG: drop labels to the null label
     v_hat, v_cls_hat, z_hat = model(x_t, t, y, cls_t)
@@ -1084,11 +1081,9 @@ class GracefulStop:
 
     def __init__(self):
         self.requested = False
-        self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}  # restored
         return self
 
     def handle(self, signum, frame):
@@ -1237,7 +1232,6 @@ def plot_log(path, png, panels):
         bins = rows[0].get("bin_t", []) if values.shape[1] > 1 else []  # t bins: which curve is which
         labels = [f"t = {t:.2f}" for t in bins] or None
         ax.plot([r["step"] for r in rows], values.numpy(), marker="o", markersize=3, label=labels)
-        ax.set_yscale("log" if (values > 0).all() else "linear")  # align is negative
         ax.set(title=title, xlabel="step")
         if labels:
             ax.legend(fontsize=6, ncol=2)
@@ -1324,23 +1318,24 @@ def save_grid(path, images, rows, columns=(), title=""):
     """A picture that says what it shows: images (R, K, 3, H, W) in [0, 1] as R rows of K tiles with a gap between
     tiles, each row named on its left (`rows`), each column on top (`columns`, optional), a `title` above. Tiles
     smaller than 64 px are enlarged (nearest neighbour) so that a name fits beside them. Needs PIL."""
-    from PIL import Image, ImageDraw  # Part B only
+    from PIL import Image, ImageDraw, ImageFont  # Part B only
 
     R, K, _, H, W = images.shape
     zoom = max(1, 64 // H)
     gap = 4
-    left = 8 + 6 * max(len(name) for name in rows)  # PIL's default font: about 6 px a character
-    top = 14 * (bool(title) + bool(columns)) + gap
-    width = max(left + K * (W * zoom + gap), 8 + 6 * len(title))  # wide enough for the whole title
+    font = ImageFont.load_default(size=12)  # the default size, 10, loses its spaces
+    left = 8 + round(max(font.getlength(name) for name in rows))
+    top = 16 * (bool(title) + bool(columns)) + gap
+    width = max(left + K * (W * zoom + gap), 8 + round(font.getlength(title)))  # wide enough for the whole title
     canvas = Image.new("RGB", (width, top + R * (H * zoom + gap)), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), title, fill="black")
+    draw.text((4, 2), title, fill="black", font=font)
     for k, name in enumerate(columns):
-        draw.text((left + k * (W * zoom + gap), top - 14), name, fill="black")
+        draw.text((left + k * (W * zoom + gap), top - 16), name, fill="black", font=font)
     tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # (R, K, H, W, 3)
     for r, name in enumerate(rows):
         y = top + r * (H * zoom + gap)
-        draw.text((4, y + H * zoom // 2 - 6), name, fill="black")
+        draw.text((4, y + H * zoom // 2 - 7), name, fill="black", font=font)
         for k in range(K):
             tile = Image.fromarray(tiles[r, k]).resize((W * zoom, H * zoom), Image.Resampling.NEAREST)
             canvas.paste(tile, (left + k * (W * zoom + gap), y))

@@ -1057,7 +1057,7 @@ def test_encoder_takes_uint8_images_only_stays_frozen_and_takes_its_input_size()
     """uint8, as read from files: a float image's range ([-1, 1], [0, 1] or 0..255) would be a guess."""
     enc = reg.load_encoder("tf_efficientnet_lite0", grid=2, weights="random", size=32)
     assert enc.size == 32
-    with pytest.raises(ValueError, match=r"uint8 RGB images.*got torch.float32.*\.round\(\)\.to\(torch.uint8\)"):
+    with pytest.raises(ValueError, match=r"uint8 \(B, 3, H, W\), got torch.float32.*\.round\(\)\.to\(torch.uint8\)"):
         enc(torch.rand(2, 3, 16, 16) * 2 - 1)
     torch.nn.Sequential(enc).train()  # a parent module asks for training mode
     assert not enc.training and not any(m.training for m in enc.modules())  # BatchNorm statistics stay fixed

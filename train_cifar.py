@@ -6,7 +6,7 @@ Train REG (or a baseline: --method sit / repa / reg-noalign) on CIFAR-10 or any 
     python train_cifar.py --compare  # every --methods with every --seeds: compare.md and compare.png
 
 The paper's recipe (GPU, about an hour on one H100-class card by the FLOP count): SiT-B/2 on 32x32 pixels with
-DINOv2 ViT-B/14 at 224 px, batch 128, 40K steps. The CPU recipe (about 10 minutes on 2 cores): SiT-Ti/4 on 1,000
+DINOv2 ViT-B/14 at 224 px, batch 128, 40K steps. The CPU recipe (about 7 minutes on 2 cores): SiT-Ti/4 on 1,000
 images, EfficientNet-Lite0 run once into a feature cache, the token on its top 128 principal directions. Every log
 record carries the losses, images/s, MFU (GPU) and peak memory: `--steps 50 --log-every 10` is a benchmark.
 """
@@ -99,7 +99,8 @@ def open_dataset(args):
             valid = functools.partial(in_a_class_folder, args.data_dir)
             return ImageFolder(args.data_dir, loader=reg.read_image, is_valid_file=valid)
         except FileNotFoundError as e:  # no class folders, or none with images directly inside
-            raise ValueError(f"--data-dir {args.data_dir}: {e} Put the images in one folder per class") from None
+            fix = "Put the images in one folder per class (an archive's top folder? pass its train folder)"
+            raise ValueError(f"--data-dir {args.data_dir}: {e} {fix}") from None
     new_folder = not os.path.exists(args.data_dir)
     try:
         return CIFAR10(args.data_dir, train=True, download=True)
@@ -276,7 +277,7 @@ def training_tokens(data):
 def main(args):
     """One run, or --compare; reg's errors (which name the fix) become one line."""
     if args.recipe == "cpu":
-        print(f"the CPU recipe ({CPU_RECIPE}; flags given win): --recipe paper for the paper's")
+        print(f"no GPU: the CPU recipe's defaults ({CPU_RECIPE}) under the flags given; --recipe paper: the paper's")
     try:
         if args.compare:
             return compare(args)
@@ -306,7 +307,10 @@ def train(args):
         if reg.checkpoints(out):  # the same command continues a run, exactly (a scheduler's requeue, a Ctrl-C)
             step = reg.resume(out, settings, MUST_MATCH, model, ema, opt, scaler)["step"]
         judge = make_judge(args, data) if args.eval_every else None
-        print(f"run {out}: {args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, step {step}")
+        what = (
+            f"{args.method} {args.model}, {data.n_train} images, {len(data.classes)} classes, batch {args.batch_size}"
+        )
+        print(f"run {out}: {what}, steps {step} -> {args.steps}")
         # Train
         sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
         logged = (step, time.perf_counter())
@@ -425,7 +429,7 @@ def save_samples(args, ema, data, out, step):
     reg.save_grid(os.path.join(out, f"samples_{step:07d}.png"), grid, names, title=what)
     frames, times = reg.strip_frames(trace, STRIP_FRAMES)
     strip = (frames[::PER_ROW] + 1) / 2  # (rows, frames, 3, H, W)
-    what = f"step {step}: the clean-image estimate along the sampling path, noise (t = 1) -> sample (t = 0)"
+    what = f"step {step}: the clean-image estimate along the sampling path, from noise (t = 1) to the last step"
     reg.save_grid(os.path.join(out, f"strip_{step:07d}.png"), strip, names, [f"t={t:.2f}" for t in times], what)
 
 
