@@ -151,3 +151,10 @@ def cuda_waits_in_step_2(monkeypatch, run):
         torch.cuda.set_sync_debug_mode(0)
     waits = [f"{w.filename}:{w.lineno} {w.message}" for w in snapshots[1][len(snapshots[0]) :]]
     return [w for w in waits if "synchroniz" in w]
+
+
+def label_width(*names):
+    """The left margin of reg.save_grid: the widest name in its 12 px font, and 8 px."""
+    from PIL import ImageFont
+
+    return 8 + round(max(ImageFont.load_default(size=12).getlength(name) for name in names))

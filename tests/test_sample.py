@@ -19,6 +19,7 @@ from PIL import Image
 
 import reg
 import sample
+from tests.conftest import label_width
 
 ENC = "test_vit"  # timm's tiny test ViT (64-d), random weights
 GENERATE = sample.generate  # the real one, while a stand-in is patched in
@@ -71,12 +72,12 @@ def start_noise(seed, i, shape, width):
 def tiles(path, rows, per_row, side, names=("0",)):
     """The grid's tiles (rows, per_row, side, side, 3) as reg.save_grid lays them out: enlarged by a whole factor to at
     least 64 px (nearest neighbour: every zoom-th pixel is the tile), 4 px apart, below the title, right of the names
-    (6 px a character, 8 px of margin)."""
+    (their width in the 12 px font, 8 px of margin)."""
     grid = np.asarray(Image.open(path))
     zoom = max(1, 64 // side)
     step = side * zoom + 4
     top = grid.shape[0] - rows * step
-    left = 8 + 6 * max(map(len, names))
+    left = label_width(*names)
     cells = [
         [grid[top + r * step :: zoom, left + c * step :: zoom][:side, :side] for c in range(per_row)]
         for r in range(rows)
@@ -324,9 +325,9 @@ def test_grid_rows_are_named_by_the_checkpoints_classes_else_by_their_labels(tmp
     classes = ["plane", "car", "bird", "cat"]
     assert np.array_equal(tiles(named["path"], 4, 1, 8, classes), tiles(plain["path"], 4, 1, 8))
     grid = np.asarray(Image.open(named["path"]))
-    assert grid[20:, : 8 + 6 * 5].min() < 128 and grid[:12].min() < 128  # names and a title are drawn
+    assert grid[20:, : label_width("plane")].min() < 128 and grid[:12].min() < 128  # names and a title are drawn
     title = "named.pt: sde, 3 steps, CFG scale 1.0"
-    assert grid.shape[1] >= 8 + 6 * len(title)  # wider than a tile: the title is not cut
+    assert grid.shape[1] >= label_width(title)  # wider than a tile: the title is not cut
     assert "/2 [" in capsys.readouterr().err  # the progress bar counts 2 batches of 3
 
 

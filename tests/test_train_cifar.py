@@ -19,7 +19,13 @@ from PIL import Image
 
 import reg
 import train_cifar
-from tests.conftest import count_host_reads, cuda_waits_in_step_2, lock_held_elsewhere, snapshots_after_each_step
+from tests.conftest import (
+    count_host_reads,
+    cuda_waits_in_step_2,
+    label_width,
+    lock_held_elsewhere,
+    snapshots_after_each_step,
+)
 
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
 ENC = ["--encoder", "vit_small_patch14_dinov2.lvd142m", "--encoder-weights", "random"]
@@ -92,9 +98,10 @@ def test_trains_and_writes_checkpoint_samples_log(data, tmp_path):
     ckpt = reg.load_checkpoint(str(out / "0000004.pt"))
     assert ckpt["step"] == 4 and ckpt["config"]["num_classes"] == 3 and ckpt["config"]["input_size"] == 8
     assert ckpt["config"]["encoder_dim"] == 384 and ckpt["args"]["method"] == "reg"
-    # reg.save_grid: 8x8 tiles enlarged to 64 px, 4 px gaps, row names ("class0", 6 px a letter) left, a title line
-    assert Image.open(out / "samples_0000004.png").size == (8 + 6 * 6 + 8 * 68, 18 + 3 * 68)  # a row per class
-    assert Image.open(out / "strip_0000004.png").size == (8 + 6 * 6 + 8 * 68, 32 + 3 * 68)  # and a line of times
+    # reg.save_grid: 8x8 tiles enlarged to 64 px, 4 px gaps, row names left, a 16 px title line
+    names = label_width("class0", "class1", "class2")
+    assert Image.open(out / "samples_0000004.png").size == (names + 8 * 68, 20 + 3 * 68)  # a row per class
+    assert Image.open(out / "strip_0000004.png").size == (names + 8 * 68, 36 + 3 * 68)  # and a line of times
     assert ckpt["args"]["lr"] == 1e-4 and ckpt["args"]["classes"] == ["class0", "class1", "class2"]
     assert all(r["img_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in recs)  # every record is a benchmark
     assert os.path.getsize(out / "losses.png") > 1000
@@ -184,7 +191,7 @@ def test_unconditional_trains_one_class_and_shows_rows_of_samples(data, tmp_path
     out = tmp_path / "run"
     train_cifar.main(args(data, out, "--steps", "2", "--unconditional", "--sample-every", "2"))
     assert reg.load_checkpoint(str(out / "0000002.pt"))["config"]["num_classes"] == 1
-    assert Image.open(out / "samples_0000002.png").size == (8 + 6 * 3 + 8 * 68, 18 + 8 * 68)  # 8 rows named "all"
+    assert Image.open(out / "samples_0000002.png").size == (label_width("all") + 8 * 68, 20 + 8 * 68)  # 8 rows "all"
 
 
 # --- Part 2: caches, resume and bad input ---------------------------------------------------------------------------------------------------
