@@ -21,7 +21,6 @@ import reg
 import sample
 from tests.conftest import label_width
 
-ENC = "test_vit"  # timm's tiny test ViT (64-d), random weights
 GENERATE = sample.generate  # the real one, while a stand-in is patched in
 
 DEVICE = os.environ.get("REG_TEST_DEVICE", "cpu")  # pytest --device cuda
