@@ -1079,10 +1079,8 @@ class GracefulStop:
     stops at once, in one line. Use as `with GracefulStop() as stop:` in the main thread and test `stop.requested`
     after each step."""
 
-    def __init__(self):
-        self.requested = False
-
     def __enter__(self):
+        self.requested = False
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}  # restored
         return self
 

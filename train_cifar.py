@@ -315,7 +315,8 @@ def train(args):
         sums = {}  # running sums since the last log, on the device: the loop syncs with the host only at log steps
         logged = (step, time.perf_counter())
         flops_per_image = 3 * reg.model_flops(model.cfg)  # forward + backward (2x)
-        with reg.GracefulStop() as stop, tqdm(total=args.steps, initial=step, unit="step") as bar:  # bar: the time left
+        quiet = sys.gettrace() is not None  # under a debugger, a progress bar (the time left) would draw over its lines
+        with reg.GracefulStop() as stop, tqdm(total=args.steps, initial=step, unit="step", disable=quiet) as bar:
             while step < args.steps and not stop.requested:
                 with reg.autocast(device, args.precision):
                     x, y, feats = batch_at(step, data, args)  # a live encoder runs under autocast too
