@@ -22,8 +22,8 @@ samples depend on (the sampler flags, the labels, the VAE, the config, a fingerp
 refuses to mix in samples of other settings or other weights, whatever the checkpoint's file name.
 
 Reproducibility: sample i's noise (start image, start token, every SDE step) comes from a generator seeded by (--seed,
-i) alone, so no sample depends on the batch size, the shards, the resumes or the
-number of GPUs (up to float rounding: a kernel may add in another order for another batch size).
+i) alone, so no sample depends on the batch size, the shards, the resumes or the number of GPUs (up to float rounding:
+a kernel may add in another order for another batch size).
 """
 
 import argparse
