@@ -412,8 +412,8 @@ ENCODERS = {
 
 class FrozenEncoder(nn.Module):
     """A frozen timm model that maps uint8 images (as read from files: no value range to guess) to feats = (class token
-    (B, E), patches (B, grid^2, E)). A ViT sees images resized so that its patch grid is the SiT grid; a CNN `size` px (default: its own), its map
-    resampled to the grid and its pooled vector playing the class token. Patches are in row-major grid order, as the
+    (B, E), patches (B, grid^2, E)). A ViT sees images resized so that its patch grid is the SiT grid; a CNN `size` px
+    (default: its own), its map resampled to the grid and its pooled vector playing the class token. Patches are in row-major grid order, as the
     SiT's tokens: an own feature map (B, E, g, g) fits as rearrange(f, "b e h w -> b (h w) e")."""
 
     def __init__(self, net, grid, size=None):
@@ -655,9 +655,8 @@ def sampling_inputs(model, x, y, cls, null_label, cfg_scale, cls_cfg_scale, inte
     checked); cls None becomes a token of width 0, so one loop serves models without one;
     cls_cfg_scale defaults to cfg_scale; the scales are finite, the guidance interval lies within [0, 1]."""
     net = unwrap(model)
-    if null_label is None and hasattr(net, "cfg"):
-        null_label = net.cfg.num_classes
-    if hasattr(net, "cfg"):
+    if hasattr(net, "cfg"):  # a SiT
+        null_label = net.cfg.num_classes if null_label is None else null_label
         check_batch(net, x, y, cls)
     if cls is None:
         cls = x.new_zeros(x.shape[0], 0)
@@ -906,8 +905,8 @@ def checkpoints(folder):
 
 
 def save_training_state(folder, step, model, ema, opt, scaler, args, keep=3, **extra):
-    """The checkpoint NNNNNNN.pt: one dict (model, EMA, optimiser, scaler (or None), step, RNG states, the run's settings and
-    the script's extras), the same shape as nanoGPT's; the newest `keep` are kept (0: all)."""
+    """The checkpoint NNNNNNN.pt: one dict (model, EMA, optimiser, scaler (or None), step, RNG states, the run's
+    settings and the script's extras), the same shape as nanoGPT's; the newest `keep` are kept (0: all)."""
     rng = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may run on fewer GPUs
@@ -1212,8 +1211,8 @@ def frechet_distance(a, b):
 
 
 def plot_log(path, png, panels):
-    """A PNG with a panel per {key: title} of `panels` over the steps of one log.jsonl, every record a point (a short run
-    has few); a key whose values are lists (the loss per t bin) draws a curve per t bin. Needs matplotlib."""
+    """A PNG with a panel per {key: title} of `panels` over the steps of one log.jsonl, every record a point (a short
+    run has few); a key whose values are lists (the loss per t bin) draws a curve per t bin. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")

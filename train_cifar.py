@@ -250,8 +250,8 @@ def build_cache(path, data, batch_size):
 
 
 def to_device_if_fits(array, device, what):
-    """A host array (a memmap) copied to a GPU when it fits in the free memory left, with a margin (the memmap's pages
-    stream from the disk: no copy in the host's memory); else left on the host, with one line saying so."""
+    """A host array (a memmap, read as it is copied) moved to a GPU when it fits in the free memory left, with a
+    margin; else left on the host, with one line saying so."""
     if device.type != "cuda":
         return array
     free = torch.cuda.mem_get_info(device)[0]
@@ -277,7 +277,7 @@ def training_tokens(data):
 def main(args):
     """One run, or --compare; reg's errors (which name the fix) become one line."""
     if args.recipe == "cpu":
-        print(f"no GPU: the CPU recipe's defaults ({CPU_RECIPE}) under the flags given; --recipe paper: the paper's")
+        print(f"the CPU recipe's defaults ({CPU_RECIPE}) under the flags given; --recipe paper: the paper's")
     try:
         if args.compare:
             return compare(args)
@@ -416,7 +416,7 @@ def generate(args, ema, x, y, cls, trace=None):
 def save_samples(args, ema, data, out, step):
     """samples_NNNNNNN.png: the EMA's grid from the same noise at every step (a row per class; 8 rows with one class).
     strip_NNNNNNN.png: for the first sample of each row, the model's estimate of the clean image at 8 times along the
-    sampler's path, from noise (t = 1) to the sample (t = 0)."""
+    sampler's path, from noise (t = 1) to the last step."""
     rows = len(data.classes) if len(data.classes) > 1 else 8
     fixed = torch.Generator().manual_seed(args.seed)
     x = torch.randn(rows * PER_ROW, *data.images.shape[1:], generator=fixed).to(data.images.device)
